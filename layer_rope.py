@@ -41,25 +41,26 @@ FACTORS_FORMAT = "layer_rope.factors/1"
 # layer_rope does per layer.
 
 
-def rope_inv_freq(dim: int, base: float = 10000.0) -> torch.Tensor:
-    """theta_i = base^(-2i/dim), i = 0 .. dim/2-1; float32, shape (dim/2,). Same formula as HF's default RoPE."""
+def rope_inv_freq(dim: int, base: float = 10000.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """theta_i = base^(-2i/dim), i = 0 .. dim/2-1, shape (dim/2,). In float32 it is HF's default RoPE bit for bit."""
     if dim <= 0 or dim % 2:
         raise ValueError(f"rotary dim must be a positive even integer, got {dim}")
-    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=dtype) / dim))
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, factor: float = 1.0,
-                 attention_scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of the angles (m / s) * theta_i, duplicated to the full head dim, in float32.
+                 attention_scaling: float = 1.0, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of the angles (m / s) * theta_i, duplicated to the full head dim.
 
-    positions (..., T) -> cos, sin (..., T, dim). The division is applied to the frequencies,
-    m * (theta / s), which is exactly how transformers' `linear` rope type computes it, so a uniform
-    factor reproduces that rope type bit for bit.
+    positions (..., T) -> cos, sin (..., T, dim), computed in `dtype` (float32, as transformers does;
+    float64 for reference checks). The division is applied to the frequencies, m * (theta / s), which
+    is exactly how transformers' `linear` rope type computes it, so a uniform factor reproduces that
+    rope type bit for bit.
     """
-    inv_freq = inv_freq.to(device=positions.device, dtype=torch.float)
+    inv_freq = inv_freq.to(device=positions.device, dtype=dtype)
     if factor != 1.0:
         inv_freq = inv_freq / factor
-    freqs = positions[..., None].float() * inv_freq  # (..., T, dim/2)
+    freqs = positions[..., None].to(dtype) * inv_freq  # (..., T, dim/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (..., T, dim)
     return emb.cos() * attention_scaling, emb.sin() * attention_scaling
 
@@ -71,9 +72,14 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def rope_rotate(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0, factor: float = 1.0) -> torch.Tensor:
-    """Rotate x (..., T, dim) at positions (T,) by RoPE with the given base and position factor."""
-    cos, sin = rope_cos_sin(positions, rope_inv_freq(x.shape[-1], base), factor)
-    return (x.float() * cos + rotate_half(x.float()) * sin).to(x.dtype)
+    """Rotate x (..., T, dim) at positions (T,) by RoPE with the given base and position factor.
+
+    Computed in float32, or in float64 when x is float64.
+    """
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    cos, sin = rope_cos_sin(positions, rope_inv_freq(x.shape[-1], base, dtype), factor, dtype=dtype)
+    y = x.to(dtype)
+    return (y * cos + rotate_half(y) * sin).to(x.dtype)
 
 
 def rope_decay(dim: int, base: float = 10000.0, factor: float = 1.0, max_distance: int = 4096) -> torch.Tensor:
@@ -83,7 +89,7 @@ def rope_decay(dim: int, base: float = 10000.0, factor: float = 1.0, max_distanc
     With q, k bounded the attention logit is at most a constant times this; it falls with r, and a
     factor s > 1 stretches it by s along the distance axis. Returns float64, shape (max_distance,).
     """
-    theta = rope_inv_freq(dim, base).double() / factor  # (d/2,)
+    theta = rope_inv_freq(dim, base, torch.float64) / factor  # (d/2,)
     r = torch.arange(max_distance, dtype=torch.float64)[:, None]  # (R, 1)
     angles = r * theta  # (R, d/2)
     S = torch.cumsum(torch.polar(torch.ones_like(angles), angles), dim=-1)  # S_j for j = 1 .. d/2
@@ -170,9 +176,13 @@ def layer_factors(points, num_layers: int) -> list[float]:
     P = _control_points(points)
     u = _layer_depths(num_layers)
     if P.ndim == 1:
-        return bezier(P, u).tolist()
-    t = _solve_bezier_x(P[:, 0], u)
-    return bezier(P[:, 1], t).tolist()
+        y, t = P, u
+    else:
+        y, t = P[:, 1], _solve_bezier_x(P[:, 0], u)
+        t[u == 0.0], t[u == 1.0] = 0.0, 1.0  # the curve passes exactly through its end points
+    # A Bezier curve lies in the convex hull of its control points; clipping to [min y, max y] only
+    # removes rounding, so equal control values (e.g. all 1.0) give exactly that value.
+    return np.clip(bezier(y, t), y.min(), y.max()).tolist()
 
 
 def _xy(points) -> tuple[np.ndarray, np.ndarray]:
@@ -233,11 +243,15 @@ def check_factors(factors, num_layers: int | None = None) -> list[float]:
 
 
 def _decoder(model):
-    """The module holding `.layers` (the decoder stack): model.model for *ForCausalLM, else model."""
-    for m in (model, getattr(model, "model", None), getattr(getattr(model, "model", None), "language_model", None)):
+    """The module holding `.layers` (the decoder stack): model.model for *ForCausalLM, model.base_model for
+    models named by their base_model_prefix (GPT-NeoX's model.gpt_neox), else model."""
+    inner = getattr(model, "model", None)
+    for m in (model, inner, getattr(inner, "language_model", None), getattr(model, "base_model", None)):
         if m is not None and isinstance(getattr(m, "layers", None), torch.nn.ModuleList):
             return m
-    raise TypeError(f"{type(model).__name__}: no decoder layer stack (`.layers` or `.model.layers`) found")
+    raise TypeError(f"{type(model).__name__}: no decoder layer stack (`.layers`, `.model.layers` or "
+                    "`.<base_model_prefix>.layers`) found; layer_rope supports transformers 5.x decoders "
+                    "whose layers take `position_embeddings` from a model-level rotary module")
 
 
 def _rotary_modules(decoder) -> list[torch.nn.Module]:
@@ -486,3 +500,295 @@ def load_model(path: str | None = None, dtype: torch.dtype = torch.float32, devi
     model = AutoModelForCausalLM.from_pretrained(path, **kw)
     tok = AutoTokenizer.from_pretrained(path)
     return model.to(device).eval(), tok
+
+
+# -----------------------------------------------------------------------------
+# 5. KV retrieval (Lost in the Middle)
+#
+# The task of Liu et al.: a JSON object of n key-value pairs, one key asked for; the model must copy its
+# value. Accuracy against the gold pair's index gives the U-curve (good at the ends, bad in the middle)
+# that layer-specific scaling tries to flatten. Prompts are rendered exactly as the original
+# `kv_retrieval.prompt` and `get_kv_retrieval_prompt` do, and the gold pair is moved the way their
+# scripts do (pop, re-insert). The metric is theirs: the lower-cased value is a substring of the
+# lower-cased answer.
+#
+# Fitness is scored teacher-forced: one forward pass per example instead of one per generated token.
+# The answer counts as right iff each gold-answer token is the argmax after the prompt and the gold
+# prefix -- exactly when greedy decoding would emit the gold answer -- and the gold log-probability comes
+# for free as a smooth tie-breaker for the search.
+
+KV_INSTRUCTION = "Extract the value corresponding to the specified key in the JSON object below."
+KV_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "lost-in-the-middle")
+
+# Short keys for small models: SmolLM2-135M cannot copy a 36-character UUID, but copies 4 digits after a
+# one-token English word. 256 distinct common words; a prompt draws its keys without replacement.
+KV_WORDS = tuple("""
+able acid aged also area army away baby back ball band bank base bath bear beat bell belt bird blow blue
+boat body bone book boot born boss bowl bulk burn bush busy cake call calm camp card care cart case cash
+cast cell chat chip city club coal coat code cold cook cool cope copy core corn cost crew crop dark data
+date dawn deal dear debt deck deep deer desk dial diet disc dish dock door dose down draw drop drum dust
+duty earn ease east edge farm fast fear feed feel file film fire firm fish flag flat flow folk food foot
+form fort fuel fund gain game gate gear gift girl glad goal gold golf grey grow gulf hair half hall hand
+hard harm head heat hell help hero hill hint hold hole home hook hope horn host hour idea iron item jazz
+join joke jury keen kick kind king knee lack lake lamp land lane lead leaf lean left lens life lift line
+link lion list load loan lock look lord loss love luck mail main male mark mask mass meal meat menu mild
+milk mill mind mine miss mode mood moon navy neck nest news nose note oven pack page pain pair palm park
+path peak pine pink pipe plan play plot pool port post pull pump race rail rain rank rate rice ring road
+rock roof room root rope rose rule safe sale salt sand seat seed ship shoe shop shot silk sink site size
+skin slot snow sock soil song soup spot star step suit tail tank task team tent test tide tile tool tour
+town tree trip tune unit vote wage wall ward wave wind wine wing wire wolf wood wool yard zone
+""".split())
+
+
+@dataclasses.dataclass(frozen=True)
+class KVExample:
+    """One KV-retrieval prompt: `records` in prompt order, the gold pair (key, value) at `gold_index`."""
+
+    records: tuple  # ((key, value), ...)
+    key: str
+    value: str
+    gold_index: int
+
+    def __post_init__(self):
+        if not 0 <= self.gold_index < len(self.records) or tuple(self.records[self.gold_index]) != (self.key, self.value):
+            raise ValueError(f"gold pair {(self.key, self.value)!r} is not at index {self.gold_index}")
+
+
+def kv_prompt(records, key: str) -> str:
+    """The original Lost-in-the-Middle KV prompt (kv_retrieval.prompt), ending in 'Corresponding value:'."""
+    body = ""
+    for i, (k, v) in enumerate(records):
+        start = "{" if i == 0 else " "
+        end = ",\n" if i != len(records) - 1 else "}"
+        body += start + f'"{k}": "{v}"' + end
+    return f'{KV_INSTRUCTION}\n\nJSON data:\n{body}\n\nKey: "{key}"\nCorresponding value:'
+
+
+def move_gold(records, key: str, value: str, gold_index: int) -> list:
+    """Pop the gold (key, value) pair and re-insert it at gold_index, as the original scripts do."""
+    records = [tuple(r) for r in records]
+    if not -len(records) <= gold_index < len(records):
+        raise ValueError(f"gold_index {gold_index} out of range for {len(records)} records")
+    gold = records.pop(records.index((key, value)))
+    records.insert(gold_index % (len(records) + 1), gold)
+    return records
+
+
+def _with_gold_at(ex: KVExample, gold_index: int) -> KVExample:
+    recs = move_gold(ex.records, ex.key, ex.value, gold_index)
+    return KVExample(tuple(recs), ex.key, ex.value, recs.index((ex.key, ex.value)))
+
+
+def load_kv_examples(path: str, gold_index: int | None = None, limit: int | None = None, offset: int = 0) -> list[KVExample]:
+    """Examples from an original `kv-retrieval-*_keys.jsonl(.gz)` file, rows offset .. offset+limit-1.
+
+    gold_index=None keeps the records' original order.
+    """
+    import gzip
+
+    opener = gzip.open if path.endswith(".gz") else open
+    out = []
+    with opener(path, "rt") as f:
+        for i, line in enumerate(f):
+            if i < offset:
+                continue
+            if limit is not None and len(out) >= limit:
+                break
+            d = json.loads(line)
+            recs = [tuple(r) for r in d["ordered_kv_records"]]
+            ex = KVExample(tuple(recs), d["key"], d["value"], recs.index((d["key"], d["value"])))
+            out.append(ex if gold_index is None else _with_gold_at(ex, gold_index))
+    return out
+
+
+KEY_STYLES = ("uuid", "word")
+VALUE_STYLES = ("uuid", "digits", "word")
+
+
+def _kv_token(rng: np.random.Generator, style: str, n: int, digits: int) -> list[str]:
+    if style == "uuid":  # uuid4 from the seeded generator (the original data used uuid.uuid4)
+        import uuid
+        return [str(uuid.UUID(bytes=rng.bytes(16), version=4)) for _ in range(n)]
+    if style == "word":
+        if n > len(KV_WORDS):
+            raise ValueError(f"word style has {len(KV_WORDS)} distinct words, {n} asked for")
+        return [KV_WORDS[i] for i in rng.choice(len(KV_WORDS), n, replace=False)]
+    if style == "digits":
+        lo = 10 ** (digits - 1)
+        return [str(v) for v in rng.choice(np.arange(lo, 10 * lo), n, replace=False)]
+    raise ValueError(f"unknown style {style!r}")
+
+
+def make_kv_examples(n: int, num_pairs: int = 20, gold_index: int = 0, key_style: str = "word",
+                     value_style: str = "digits", digits: int = 4, seed: int = 0) -> list[KVExample]:
+    """n new KV examples in the original format. Keys (and values) within an example are distinct.
+
+    Example i depends only on (seed, i, num_pairs, styles), not on gold_index: the same records with the
+    gold pair moved, so accuracy differences across gold positions are not sampling noise between sets.
+    """
+    for name, v in (("n", n), ("num_pairs", num_pairs), ("digits", digits), ("seed", seed), ("gold_index", gold_index)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"{name} must be an integer, got {v!r}")
+    if n < 0 or num_pairs < 1 or digits < 1 or seed < 0:
+        raise ValueError(f"need n >= 0, num_pairs >= 1, digits >= 1, seed >= 0; got {n}, {num_pairs}, {digits}, {seed}")
+    if key_style not in KEY_STYLES or value_style not in VALUE_STYLES:
+        raise ValueError(f"key_style must be one of {KEY_STYLES} and value_style one of {VALUE_STYLES}, "
+                         f"got {key_style!r}, {value_style!r}")
+    if not -num_pairs <= gold_index < num_pairs:
+        raise ValueError(f"gold_index {gold_index} out of range for {num_pairs} pairs")
+    if value_style == "digits" and num_pairs > 9 * 10 ** (digits - 1):
+        raise ValueError(f"{num_pairs} distinct {digits}-digit values do not exist")
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng([seed, i])
+        keys = _kv_token(rng, key_style, num_pairs, digits)
+        vals = _kv_token(rng, value_style, num_pairs, digits)
+        g = int(rng.integers(num_pairs))  # which pair is asked for; then moved to gold_index
+        ex = KVExample(tuple(zip(keys, vals)), keys[g], vals[g], g)
+        out.append(_with_gold_at(ex, gold_index))
+    return out
+
+
+def kv_correct(answer: str, value: str) -> bool:
+    """The original metric: the lower-cased value is a substring of the lower-cased model answer."""
+    return value.lower() in answer.lower()
+
+
+def gold_positions(num_pairs: int, k: int) -> list[int]:
+    """k gold indices spread evenly over 0 .. num_pairs-1, first and last included."""
+    if k < 1 or k > num_pairs:
+        raise ValueError(f"need 1 <= positions <= num_pairs, got {k} positions for {num_pairs} pairs")
+    return sorted({int(round(x)) for x in np.linspace(0, num_pairs - 1, k)})
+
+
+# SmolLM2-Instruct answers a raw prompt with ` "<value>"`: a space and a quote, as in the JSON above.
+# The gold answer must be the tokens greedy decoding emits, so teacher forcing agrees with `generate`.
+ANSWER_PREFIX = ' "'
+
+
+def _prompt_text(tok, ex: KVExample, chat: bool) -> str:
+    text = kv_prompt(ex.records, ex.key)
+    if chat:
+        return tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    return text
+
+
+def _encode(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def _left_pad(seqs: list[list[int]], pad_id: int):
+    """(input_ids, attention_mask, position_ids), each (B, T), left-padded; positions count real tokens only."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, T - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[b, T - len(s):] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, pos
+
+
+@dataclasses.dataclass
+class KVScore:
+    """Teacher-forced score of one example: `correct` (all gold tokens argmax), `logprob` (sum over the
+    n_tokens gold tokens, natural log)."""
+
+    correct: bool
+    logprob: float
+    n_tokens: int
+
+
+@torch.inference_mode()
+def score_kv(model, tok, examples: Sequence[KVExample], chat: bool = False, batch_size: int = 8,
+             answer_prefix: str = ANSWER_PREFIX) -> list[KVScore]:
+    """Teacher-forced exact match and gold log-probability, one forward pass per example.
+
+    The sequence fed is prompt + gold[:-1] with gold = tokens(answer_prefix + value); the logits at the
+    last len(gold) positions predict the gold tokens. Only those positions go through the lm_head (it is
+    ~20% of the FLOPs of a full-logits forward). Prompts are sorted by length and left-padded in batches;
+    position_ids count real tokens, so a batched score equals the unbatched one up to float rounding.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    items = []
+    for ex in examples:
+        p, g = _encode(tok, _prompt_text(tok, ex, chat)), _encode(tok, answer_prefix + ex.value)
+        items.append((p + g[:-1], g))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
+    out: list[KVScore | None] = [None] * len(items)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        ids, mask, pos = _left_pad([items[i][0] for i in idx], pad)
+        hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+        T = ids.shape[1]
+        for b, i in enumerate(idx):
+            g = torch.tensor(items[i][1])
+            logits = model.lm_head(hidden[b, T - len(g):]).float()  # (G, V): position t predicts gold[t]
+            lp = torch.log_softmax(logits, -1)
+            out[i] = KVScore(bool((logits.argmax(-1) == g).all()), float(lp.gather(-1, g[:, None]).sum()), len(g))
+    return out
+
+
+@torch.inference_mode()
+def greedy_answers(model, tok, examples: Sequence[KVExample], max_new_tokens: int = 8, chat: bool = False,
+                   batch_size: int = 8) -> list[str]:
+    """Greedy `generate` continuations of each prompt (decoded, special tokens dropped)."""
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    prompts = [_encode(tok, _prompt_text(tok, ex, chat)) for ex in examples]
+    out = []
+    for s in range(0, len(prompts), batch_size):
+        batch = prompts[s:s + batch_size]
+        ids, mask, _ = _left_pad(batch, pad)
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=pad)
+        out += [tok.decode(row[ids.shape[1]:], skip_special_tokens=True) for row in gen]
+    return out
+
+
+@dataclasses.dataclass
+class KVFitness:
+    """Fitness of one factor setting on a set of examples, grouped by gold index.
+
+    accuracy[pos] and logprob[pos] are means over the examples with that gold index; `fitness` is the
+    (weighted) mean accuracy plus a tie-breaker exp(mean log-prob per gold token) / (n + 1), n the number
+    of scored examples: the tie-breaker lies in (0, 1/(n+1)), less than one more correct answer adds
+    (1/n), so fitness orders by accuracy first and by gold probability among equal accuracies.
+    """
+
+    fitness: float
+    mean_accuracy: float
+    accuracy: dict
+    logprob: dict
+    n: int
+
+    def to_json(self) -> dict:
+        return {"fitness": self.fitness, "mean_accuracy": self.mean_accuracy, "n": self.n,
+                "accuracy": {str(k): v for k, v in self.accuracy.items()},
+                "logprob": {str(k): v for k, v in self.logprob.items()}}
+
+
+def kv_fitness(model, tok, examples: Sequence[KVExample], factors=None, weights: dict | None = None,
+               chat: bool = False, batch_size: int = 8) -> KVFitness:
+    """Score `examples` with `factors` applied (None: the model as it is). weights: {gold_index: w}."""
+    if factors is not None:
+        with scaled(model, factors):
+            return kv_fitness(model, tok, examples, None, weights, chat, batch_size)
+    if not examples:
+        raise ValueError("no examples to score")
+    scores = score_kv(model, tok, examples, chat=chat, batch_size=batch_size)
+    by_pos: dict[int, list[KVScore]] = {}
+    for ex, sc in zip(examples, scores):
+        by_pos.setdefault(ex.gold_index, []).append(sc)
+    positions = sorted(by_pos)
+    acc = {p: float(np.mean([s.correct for s in by_pos[p]])) for p in positions}
+    lp = {p: float(np.mean([s.logprob for s in by_pos[p]])) for p in positions}
+    w = np.array([1.0 if weights is None else float(weights.get(p, 0.0)) for p in positions])
+    if np.any(w < 0) or w.sum() <= 0 or not np.all(np.isfinite(w)):
+        raise ValueError(f"position weights must be finite, >= 0 and not all 0, got {weights}")
+    w = w / w.sum()
+    mean_acc = float(w @ np.array([acc[p] for p in positions]))
+    per_token = float(np.sum([s.logprob for s in scores]) / np.sum([s.n_tokens for s in scores]))
+    n = len(scores)
+    return KVFitness(mean_acc + math.exp(per_token) / (n + 1), mean_acc, acc, lp, n)
