@@ -145,6 +145,9 @@ def _control_points(points) -> np.ndarray:
         raise ValueError(f"control points must have shape (n,) or (n, 2), got {P.shape}")
     if not np.all(np.isfinite(P)):
         raise ValueError("control points must be finite")
+    y = P if P.ndim == 1 else P[:, 1]
+    if np.any(y <= 0):
+        raise ValueError(f"control point factors must be positive, got {y.tolist()}")
     return P
 
 
@@ -270,11 +273,11 @@ def _rotary_params(rotary, layer_type):
     return getattr(rotary, f"{prefix}inv_freq"), getattr(rotary, f"{prefix}attention_scaling")
 
 
-def _scaled_position_embeddings(rotary, x, position_ids, layer_type, factor):
-    """What `rotary(x, position_ids, layer_type)` returns, with positions divided by factor."""
+def _scaled_position_embeddings(rotary, dtype, position_ids, layer_type, factor):
+    """What `rotary(x, position_ids, layer_type)` returns for x of `dtype`, with positions divided by factor."""
     inv_freq, attention_scaling = _rotary_params(rotary, layer_type)
     cos, sin = rope_cos_sin(position_ids, inv_freq, factor, attention_scaling)
-    return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+    return cos.to(dtype=dtype), sin.to(dtype=dtype)
 
 
 def _check_rotary(rotary, layer_types) -> None:
@@ -289,7 +292,7 @@ def _check_rotary(rotary, layer_types) -> None:
         with torch.no_grad():
             args = (rotary, x, pos) if lt is None else (rotary, x, pos, lt)
             theirs = raw_forward(*args)
-            ours = _scaled_position_embeddings(rotary, x, pos, lt, 1.0)
+            ours = _scaled_position_embeddings(rotary, x.dtype, pos, lt, 1.0)
         if not (isinstance(theirs, tuple) and len(theirs) == 2 and all(torch.equal(a, b) for a, b in zip(theirs, ours))):
             raise TypeError(
                 f"{type(rotary).__name__} computes cos/sin differently from the standard RoPE formula "
@@ -298,16 +301,33 @@ def _check_rotary(rotary, layer_types) -> None:
 
 
 @dataclasses.dataclass
+class _RotaryCall:
+    """One call of a rotary module in the current forward pass, and the scaled versions made from it."""
+
+    rotary: torch.nn.Module
+    output: tuple  # (cos, sin) as the module returned them; the layers receive this very object
+    dtype: torch.dtype
+    position_ids: torch.Tensor
+    layer_type: str | None
+    scaled: dict  # factor -> (cos, sin)
+
+
+@dataclasses.dataclass
 class LayerRopeHandle:
-    """What `apply` returns. `factors` may be reassigned through `set_factors`; `remove()` undoes the patch."""
+    """What `apply` returns. `set_factors` changes the factors in place; `remove()` undoes the patch."""
 
     model: torch.nn.Module
     factors: list[float]
     _hooks: list = dataclasses.field(default_factory=list, repr=False)
-    _calls: dict = dataclasses.field(default_factory=dict, repr=False)  # id(rotary) -> its latest call
+    _calls: list = dataclasses.field(default_factory=list, repr=False)  # _RotaryCall of this forward pass
+    _last_use: dict = dataclasses.field(default_factory=dict, repr=False)  # factor -> last layer using it
+
+    def __post_init__(self):
+        self.set_factors(self.factors)
 
     def set_factors(self, factors) -> None:
         self.factors = check_factors(factors, len(self.factors))
+        self._last_use = {f: i for i, f in enumerate(self.factors)}
         self._calls.clear()
 
     def remove(self) -> None:
@@ -323,14 +343,14 @@ class LayerRopeHandle:
         return bool(self._hooks)
 
     # -- hooks --------------------------------------------------------------------------------
+    def _on_pass(self, *_):
+        # Start and end of each decoder forward pass: forget the last pass's cos/sin so nothing
+        # outlives the pass that made it.
+        self._calls.clear()
+
     def _on_rotary(self, rotary, args, kwargs, output):
         x, position_ids, layer_type = _rotary_call(rotary, args, kwargs)
-        # Keyed by the output's cos tensor: the decoder layers receive exactly this object. Holding a
-        # reference keeps its id from being reused while the entry lives (until the next forward pass).
-        calls = self._calls.setdefault(id(rotary), {})
-        if layer_type is None or any(c["position_ids"] is not position_ids for c in calls.values()):
-            calls.clear()  # a new forward pass
-        calls[layer_type] = {"rotary": rotary, "output": output, "x": x, "position_ids": position_ids, "scaled": {}}
+        self._calls.append(_RotaryCall(rotary, output, x.dtype, position_ids, layer_type, {}))
 
     def _on_layer(self, layer_idx, layer, args, kwargs):
         factor = self.factors[layer_idx]
@@ -340,24 +360,26 @@ class LayerRopeHandle:
         if pe is None:
             raise TypeError(f"decoder layer {layer_idx} was called without `position_embeddings`; "
                             "layer_rope needs a model whose rotary module feeds every layer")
-        for calls in self._calls.values():
-            for layer_type, call in calls.items():
-                if call["output"][0] is pe[0]:
-                    scaled = call["scaled"]
-                    if factor not in scaled:
-                        scaled[factor] = _scaled_position_embeddings(
-                            call["rotary"], call["x"], call["position_ids"], layer_type, factor)
-                    kwargs = dict(kwargs, position_embeddings=scaled[factor])
-                    return args, kwargs
-        raise RuntimeError(f"decoder layer {layer_idx} received position_embeddings that no hooked rotary "
-                           "module produced in this forward pass; layer_rope cannot scale them")
+        call = next((c for c in self._calls if c.output[0] is pe[0]), None)
+        if call is None:
+            raise RuntimeError(f"decoder layer {layer_idx} received position_embeddings that no hooked rotary "
+                               "module produced in this forward pass; layer_rope cannot scale them")
+        if factor in call.scaled:
+            scaled_pe = call.scaled[factor]
+        else:  # computed once per pass per distinct factor
+            scaled_pe = call.scaled[factor] = _scaled_position_embeddings(
+                call.rotary, call.dtype, call.position_ids, call.layer_type, factor)
+        if self._last_use[factor] == layer_idx:
+            del call.scaled[factor]  # no later layer needs it: free it now (30 pairs at 16k tokens are ~0.5 GB)
+        return args, dict(kwargs, position_embeddings=scaled_pe)
 
 
 def apply(model, factors) -> LayerRopeHandle:
     """Patch `model` so decoder layer l divides its rotary positions by factors[l]. Returns a handle.
 
     Refuses (TypeError) models whose layers do not take `position_embeddings` from a model-level rotary
-    module, and (RuntimeError) a model that is already patched: remove that handle first.
+    module, and (RuntimeError) a model that is already patched: remove that handle first, or change
+    its factors with `handle.set_factors`.
     """
     if getattr(model, "_layer_rope_handle", None) is not None:
         raise RuntimeError("model is already patched by layer_rope; call handle.remove() before applying new "
@@ -380,7 +402,8 @@ def apply(model, factors) -> LayerRopeHandle:
         _check_rotary(rotary, layer_types)
 
     handle = LayerRopeHandle(model, factors)
-
+    handle._hooks.append(decoder.register_forward_pre_hook(handle._on_pass))
+    handle._hooks.append(decoder.register_forward_hook(handle._on_pass))
     for rotary in rotaries:
         handle._hooks.append(rotary.register_forward_hook(handle._on_rotary, with_kwargs=True))
     for i, layer in enumerate(layers):
@@ -661,9 +684,10 @@ def gold_positions(num_pairs: int, k: int) -> list[int]:
     return sorted({int(round(x)) for x in np.linspace(0, num_pairs - 1, k)})
 
 
-# SmolLM2-Instruct answers a raw prompt with ` "<value>"`: a space and a quote, as in the JSON above.
-# The gold answer must be the tokens greedy decoding emits, so teacher forcing agrees with `generate`.
-ANSWER_PREFIX = ' "'
+# SmolLM2-135M-Instruct answers the raw prompt with ` <value>`: a space, then the digits, no quote
+# (measured: ' 9320\n\nJSON...'). The gold answer must be the tokens greedy decoding emits, so that
+# teacher forcing agrees with `generate` + the substring metric.
+ANSWER_PREFIX = " "
 
 
 def _prompt_text(tok, ex: KVExample, chat: bool) -> str:
@@ -762,9 +786,11 @@ class KVFitness:
     accuracy: dict
     logprob: dict
     n: int
+    token_prob: float = float("nan")  # exp(mean gold log-prob per token) over all examples
 
     def to_json(self) -> dict:
         return {"fitness": self.fitness, "mean_accuracy": self.mean_accuracy, "n": self.n,
+                "token_prob": self.token_prob,
                 "accuracy": {str(k): v for k, v in self.accuracy.items()},
                 "logprob": {str(k): v for k, v in self.logprob.items()}}
 
@@ -791,4 +817,1328 @@ def kv_fitness(model, tok, examples: Sequence[KVExample], factors=None, weights:
     mean_acc = float(w @ np.array([acc[p] for p in positions]))
     per_token = float(np.sum([s.logprob for s in scores]) / np.sum([s.n_tokens for s in scores]))
     n = len(scores)
-    return KVFitness(mean_acc + math.exp(per_token) / (n + 1), mean_acc, acc, lp, n)
+    return KVFitness(mean_acc + math.exp(per_token) / (n + 1), mean_acc, acc, lp, n, math.exp(per_token))
+
+
+# -----------------------------------------------------------------------------
+# 6. Per-layer sensitivity
+#
+# Scaling a single layer at a time shows which layers must keep their RoPE. On SmolLM2-135M one layer
+# (16) carries KV retrieval: scaled alone by 2.0 it drops accuracy to 0 at every gold position, while any
+# other single layer moves it by a few points. A smooth curve over depth cannot dodge such a spike, so
+# the search can freeze the layers this scan flags at 1.0.
+
+
+@dataclasses.dataclass
+class Sensitivity:
+    """Baseline fitness and fitness with layer l alone scaled by `factor`, for each scanned layer."""
+
+    factor: float
+    baseline: KVFitness
+    layers: dict  # layer index -> KVFitness
+
+    def sensitive(self, max_drop: float = 0.5) -> list[int]:
+        """Layers whose scan accuracy or per-token gold probability falls below (1 - max_drop) x the
+        baseline's. The probability matters on small scans: with 10 prompts the baseline may get none
+        right (measured on SmolLM2 at 20 pairs), and then only the probability separates layer 16
+        (0.16 vs 0.58 per token) from the rest (within ~15% of the baseline)."""
+        if not 0 < max_drop <= 1:
+            raise ValueError(f"max_drop must lie in (0, 1], got {max_drop}")
+        b = self.baseline
+        return [l for l, f in sorted(self.layers.items())
+                if f.mean_accuracy < (1 - max_drop) * b.mean_accuracy or f.token_prob < (1 - max_drop) * b.token_prob]
+
+    def to_json(self) -> dict:
+        return {"factor": self.factor, "baseline": self.baseline.to_json(),
+                "layers": {str(l): f.to_json() for l, f in sorted(self.layers.items())}}
+
+    def table(self) -> str:
+        pos = sorted(self.baseline.accuracy)
+        head = "layer  " + " ".join(f"{p:>5}" for p in pos) + "   mean  p(token)"
+        rows = [head, "none   " + " ".join(f"{self.baseline.accuracy[p]:5.2f}" for p in pos)
+                + f"  {self.baseline.mean_accuracy:5.3f}  {self.baseline.token_prob:7.3f}"]
+        for l, f in sorted(self.layers.items()):
+            rows.append(f"{l:<6} " + " ".join(f"{f.accuracy[p]:5.2f}" for p in pos)
+                        + f"  {f.mean_accuracy:5.3f}  {f.token_prob:7.3f}")
+        return "\n".join(rows)
+
+
+def sensitivity(model, tok, examples: Sequence[KVExample], factor: float = 2.0, layers=None,
+                progress: bool = True, **fitness_kw) -> Sensitivity:
+    """Fitness with each layer in `layers` (default all) alone scaled by `factor`, all others at 1.0."""
+    L = num_layers(model)
+    check_factors([factor])
+    layers = list(range(L)) if layers is None else list(layers)
+    for l in layers:
+        if isinstance(l, bool) or not isinstance(l, numbers.Integral) or not 0 <= l < L:
+            raise ValueError(f"layer {l!r} is not a decoder layer index in 0 .. {L - 1}")
+    from tqdm.auto import tqdm
+
+    base = kv_fitness(model, tok, examples, None, **fitness_kw)
+    out = {}
+    for l in tqdm(layers, desc=f"sensitivity x{factor}", disable=not progress):
+        f = [1.0] * L
+        f[l] = factor
+        out[l] = kv_fitness(model, tok, examples, f, **fitness_kw)
+    return Sensitivity(float(factor), base, out)
+
+
+# -----------------------------------------------------------------------------
+# 7. The compact GA
+#
+# An individual is a tuple of grid indices: the C-2 inner control points' layer positions (the first
+# point sits at layer 0, the last at layer L-1), then the C factor values as indices into the factor grid
+# factor_min, factor_min + step, ..., factor_max. Tuples are hashable (the evaluation cache) and
+# JSON-friendly (the checkpoint). Offspring come from tournament selection, uniform crossover of whole
+# control points and +-k grid-step mutation; the inner x's are sorted afterwards, so every individual
+# is a valid curve. A child already evaluated is mutated again (a few tries) so that the evaluation
+# budget goes to new points; the elite survive unchanged.
+#
+# State after every evaluation lives in a JSON checkpoint (written atomically): the current
+# generation's population, the RNG state after breeding it, and the cache of evaluated individuals.
+# Resuming re-evaluates nothing already in the cache and continues from the saved RNG state, so an
+# interrupted search ends exactly where an uninterrupted one with the same seed does.
+
+GA_FORMAT = "layer_rope.ga-checkpoint/1"
+
+
+@dataclasses.dataclass(frozen=True)
+class GAConfig:
+    """Search-space and GA settings. The defaults are the ones `python layer_rope.py search` uses."""
+
+    num_layers: int
+    num_points: int = 4  # C control points; 4 = cubic Bezier
+    factor_min: float = 1.0
+    factor_max: float = 2.0
+    factor_step: float = 0.05
+    curve: str = "bezier"  # a key of CURVES
+    freeze: tuple = ()  # layers held at 1.0 whatever the curve says
+    population: int = 8
+    generations: int = 4
+    elite: int = 2
+    tournament: int = 3
+    crossover_rate: float = 0.9
+    mutation_rate: float = 0.3  # per gene
+    mutation_steps: int = 4  # a mutated gene moves by 1 .. mutation_steps grid steps
+    retries: int = 8  # re-mutations of a child already evaluated
+    seed: int = 0
+
+    def __post_init__(self):
+        ints = ("num_layers", "num_points", "population", "generations", "elite", "tournament", "mutation_steps",
+                "retries", "seed")
+        for name in ints:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise TypeError(f"GAConfig.{name} must be an integer, got {v!r}")
+        for name in ("factor_min", "factor_max", "factor_step", "crossover_rate", "mutation_rate"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+                raise TypeError(f"GAConfig.{name} must be a finite real number, got {v!r}")
+        if self.num_layers < 2:
+            raise ValueError(f"num_layers must be >= 2, got {self.num_layers}")
+        if self.num_points < 2:
+            raise ValueError(f"num_points must be >= 2 (first and last layer), got {self.num_points}")
+        if not 0 < self.factor_min <= self.factor_max:
+            raise ValueError(f"need 0 < factor_min <= factor_max, got {self.factor_min}, {self.factor_max}")
+        if self.factor_step <= 0:
+            raise ValueError(f"factor_step must be > 0, got {self.factor_step}")
+        m = (self.factor_max - self.factor_min) / self.factor_step
+        if abs(m - round(m)) > 1e-6:
+            raise ValueError(f"factor range {self.factor_min}..{self.factor_max} is not a whole number of "
+                             f"steps of {self.factor_step}")
+        if self.curve not in CURVES:
+            raise ValueError(f"curve must be one of {sorted(CURVES)}, got {self.curve!r}")
+        object.__setattr__(self, "freeze", tuple(self.freeze))
+        for l in self.freeze:
+            if isinstance(l, bool) or not isinstance(l, numbers.Integral) or not 0 <= l < self.num_layers:
+                raise ValueError(f"freeze: {l!r} is not a layer index in 0 .. {self.num_layers - 1}")
+        if len(set(self.freeze)) != len(self.freeze):
+            raise ValueError(f"freeze lists a layer twice: {list(self.freeze)}")
+        object.__setattr__(self, "freeze", tuple(sorted(int(l) for l in self.freeze)))
+        if self.population < 2 or self.generations < 1 or self.tournament < 1 or self.mutation_steps < 1:
+            raise ValueError("need population >= 2, generations >= 1, tournament >= 1, mutation_steps >= 1")
+        if not 0 <= self.elite < self.population:
+            raise ValueError(f"elite must lie in 0 .. population-1, got {self.elite}")
+        if not (0 <= self.crossover_rate <= 1 and 0 <= self.mutation_rate <= 1):
+            raise ValueError("crossover_rate and mutation_rate must lie in [0, 1]")
+        if self.retries < 0 or self.seed < 0:
+            raise ValueError("retries and seed must be >= 0")
+
+    @property
+    def grid(self) -> list[float]:
+        """The factor values an individual can take."""
+        m = int(round((self.factor_max - self.factor_min) / self.factor_step))
+        return [round(self.factor_min + i * self.factor_step, 10) for i in range(m + 1)]
+
+    @property
+    def genes(self) -> int:
+        return 2 * self.num_points - 2
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["freeze"] = list(self.freeze)
+        return d
+
+
+def check_individual(ind, config: GAConfig) -> tuple:
+    """Return ind as a tuple of ints, or raise naming what makes it invalid for `config`."""
+    if isinstance(ind, (str, bytes)) or not isinstance(ind, Sequence):
+        raise TypeError(f"an individual is a sequence of ints, got {type(ind).__name__}")
+    if len(ind) != config.genes:
+        raise ValueError(f"individual has {len(ind)} genes, expected {config.genes} "
+                         f"({config.num_points - 2} inner layer positions + {config.num_points} factor indices)")
+    for g in ind:
+        if isinstance(g, bool) or not isinstance(g, numbers.Integral):
+            raise TypeError(f"gene {g!r} is not an integer")
+    C, L, M = config.num_points, config.num_layers, len(config.grid)
+    xs, ys = list(ind[:C - 2]), list(ind[C - 2:])
+    if any(not 0 <= x < L for x in xs) or xs != sorted(xs):
+        raise ValueError(f"inner layer positions must be sorted and in 0 .. {L - 1}, got {xs}")
+    if any(not 0 <= y < M for y in ys):
+        raise ValueError(f"factor indices must lie in 0 .. {M - 1}, got {ys}")
+    return tuple(int(g) for g in ind)
+
+
+def control_points(ind, config: GAConfig) -> list[list[float]]:
+    """(x, y) control points of an individual: x the relative depth l/(L-1), y the factor."""
+    ind = check_individual(ind, config)
+    C, L, grid = config.num_points, config.num_layers, config.grid
+    xs = [0] + list(ind[:C - 2]) + [L - 1]
+    return [[x / (L - 1), grid[y]] for x, y in zip(xs, ind[C - 2:])]
+
+
+def individual_factors(ind, config: GAConfig) -> list[float]:
+    """Per-layer factors of an individual: its curve, with the frozen layers at 1.0."""
+    f = CURVES[config.curve](control_points(ind, config), config.num_layers)
+    for l in config.freeze:
+        f[l] = 1.0
+    return [round(v, 12) for v in f]  # rounded so the factors (and the fitness) do not depend on libm noise
+
+
+def random_individual(rng: np.random.Generator, config: GAConfig) -> tuple:
+    C = config.num_points
+    xs = sorted(int(v) for v in rng.integers(0, config.num_layers, C - 2))
+    ys = [int(v) for v in rng.integers(0, len(config.grid), C)]
+    return tuple(xs + ys)
+
+
+def _mutate(ind: tuple, rng: np.random.Generator, config: GAConfig, force: bool = False) -> tuple:
+    """Move each gene with probability mutation_rate (at least one gene if force) by +-1..k steps,
+    reflected back into range; then re-sort the inner layer positions."""
+    C, L, M = config.num_points, config.num_layers, len(config.grid)
+    g = list(ind)
+    hit = rng.random(len(g)) < config.mutation_rate
+    if force and not hit.any():
+        hit[rng.integers(len(g))] = True
+    for i in np.flatnonzero(hit):
+        hi = (L if i < C - 2 else M) - 1
+        if hi == 0:
+            continue
+        v = g[i] + int(rng.integers(1, config.mutation_steps + 1)) * (1 if rng.random() < 0.5 else -1)
+        while not 0 <= v <= hi:  # reflect at the ends of the grid
+            v = -v if v < 0 else 2 * hi - v
+        g[i] = v
+    g[:C - 2] = sorted(g[:C - 2])
+    return tuple(g)
+
+
+def _crossover(a: tuple, b: tuple, rng: np.random.Generator, config: GAConfig) -> tuple:
+    """Uniform crossover of whole control points: point i (its x, if inner, and its y) from a or b."""
+    C = config.num_points
+    take_b = rng.random(C) < 0.5
+    xs = [b[i - 1] if take_b[i] else a[i - 1] for i in range(1, C - 1)]
+    ys = [b[C - 2 + i] if take_b[i] else a[C - 2 + i] for i in range(C)]
+    return tuple(sorted(xs) + ys)
+
+
+def _ranked(pop: list, cache: dict) -> list:
+    """Population best first; ties broken by the individual itself so the order is deterministic."""
+    return sorted(set(pop), key=lambda ind: (-cache[ind], ind))
+
+
+def _breed(pop: list, cache: dict, rng: np.random.Generator, config: GAConfig) -> list:
+    ranked = _ranked(pop, cache)
+    nxt = ranked[:config.elite]
+    seen = set(nxt)
+
+    def pick():
+        cands = [ranked[int(i)] for i in rng.integers(0, len(ranked), config.tournament)]
+        return min(cands, key=lambda ind: (-cache[ind], ind))
+
+    while len(nxt) < config.population:
+        a, b = pick(), pick()
+        child = _crossover(a, b, rng, config) if rng.random() < config.crossover_rate else a
+        child = _mutate(child, rng, config)
+        for _ in range(config.retries):
+            if child not in cache and child not in seen:
+                break
+            child = _mutate(child, rng, config, force=True)
+        nxt.append(child)
+        seen.add(child)
+    return nxt
+
+
+def _rng_state(rng: np.random.Generator) -> dict:
+    return rng.bit_generator.state
+
+
+def _rng_from(state: dict) -> np.random.Generator:
+    rng = np.random.Generator(np.random.PCG64())
+    rng.bit_generator.state = state
+    return rng
+
+
+@dataclasses.dataclass
+class GAResult:
+    best: tuple
+    fitness: float
+    factors: list
+    control_points: list
+    history: list  # per generation: {"generation", "best", "best_fitness", "mean_fitness", "evals_total"}
+    evaluations: list  # [individual, fitness] in evaluation order, each individual once
+
+    def to_json(self) -> dict:
+        return {"best": list(self.best), "fitness": self.fitness, "factors": self.factors,
+                "control_points": self.control_points, "history": self.history,
+                "evaluations": [[list(i), f] for i, f in self.evaluations]}
+
+
+def _write_json_atomic(path: str, doc) -> None:
+    """Write-then-rename: a reader (or a SIGKILL) never sees a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(doc, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: str, config: GAConfig, tag) -> dict:
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"checkpoint {path} is corrupt or truncated ({e}); delete it to start afresh") from None
+    need = ("format", "config", "tag", "generation", "population", "rng", "evaluations", "history")
+    if not isinstance(doc, dict) or doc.get("format") != GA_FORMAT or any(k not in doc for k in need):
+        raise ValueError(f"checkpoint {path} is not a {GA_FORMAT} file (missing or wrong fields)")
+    if doc["config"] != config.to_json():
+        diff = sorted(k for k in set(doc["config"]) | set(config.to_json())
+                      if doc["config"].get(k) != config.to_json().get(k))
+        raise ValueError(f"checkpoint {path} was written with different GA settings ({', '.join(diff)}); "
+                         "use the same settings to resume, or another checkpoint path")
+    if doc["tag"] != tag:
+        raise ValueError(f"checkpoint {path} was written for a different fitness ({doc['tag']!r}, now {tag!r})")
+    try:
+        doc["population"] = [check_individual(i, config) for i in doc["population"]]
+        doc["evaluations"] = [(check_individual(i, config), float(f)) for i, f in doc["evaluations"]]
+        _rng_from(doc["rng"])
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"checkpoint {path} holds invalid data: {e}") from None
+    return doc
+
+
+def genetic_search(fitness: Callable[[list], float], config: GAConfig, map: Callable = map,
+                   checkpoint: str | None = None, tag=None, progress: bool = True,
+                   on_eval: Callable | None = None) -> GAResult:
+    """Maximise fitness(factors) over the Bezier individuals of `config`.
+
+    fitness: takes one list of per-layer factors, returns a float (higher is better).
+    map: how a population is evaluated, map(fn, list_of_factor_lists) -> iterable of floats in order.
+         Built-in map by default; pass e.g. a concurrent.futures executor's `.map` (fitness must then be
+         picklable: a module-level function or functools.partial).
+    checkpoint: JSON path. Written (atomically) after every evaluation; if it exists, the search resumes
+         from it, refusing (ValueError) a corrupt file or one written with other settings or tag.
+    tag: any JSON value naming the fitness (e.g. its data settings); stored and checked on resume.
+    on_eval: called as on_eval(individual, fitness) after each new evaluation (e.g. for logging).
+    """
+    from tqdm.auto import tqdm
+
+    if not isinstance(config, GAConfig):
+        raise TypeError(f"config must be a GAConfig, got {type(config).__name__}")
+    if checkpoint is not None and os.path.exists(checkpoint):
+        doc = _load_checkpoint(checkpoint, config, tag)
+        gen, pop, rng = doc["generation"], doc["population"], _rng_from(doc["rng"])
+        evaluations, history = doc["evaluations"], doc["history"]
+    else:
+        rng = np.random.default_rng(config.seed)
+        pop, seen = [], set()
+        for _ in range(100 * config.population):  # distinct random individuals (fewer if the space is tiny)
+            if len(pop) == config.population:
+                break
+            ind = random_individual(rng, config)
+            if ind not in seen:
+                pop.append(ind)
+                seen.add(ind)
+        while len(pop) < config.population:
+            pop.append(pop[len(pop) % len(seen)])
+        gen, evaluations, history = 0, [], []
+    cache = dict(evaluations)
+
+    def save():
+        if checkpoint is not None:
+            _write_json_atomic(checkpoint, {
+                "format": GA_FORMAT, "config": config.to_json(), "tag": tag, "generation": gen,
+                "population": [list(i) for i in pop], "rng": _rng_state(rng),
+                "evaluations": [[list(i), f] for i, f in evaluations], "history": history})
+
+    save()
+    bar = tqdm(total=config.generations, initial=gen, desc="GA generations", disable=not progress)
+    while True:
+        todo = list(dict.fromkeys(i for i in pop if i not in cache))
+        for ind, f in zip(todo, map(fitness, [individual_factors(i, config) for i in todo])):
+            f = float(f)
+            if not math.isfinite(f):
+                raise ValueError(f"fitness returned {f} for individual {ind}")
+            cache[ind] = f
+            evaluations.append((ind, f))
+            save()  # after every evaluation: a kill loses at most the one in flight
+            if on_eval is not None:
+                on_eval(ind, f)
+        best = _ranked(pop, cache)[0]
+        if len(history) == gen:  # not yet recorded (a resumed, finished search has it already)
+            history.append({"generation": gen, "best": list(best), "best_fitness": cache[best],
+                            "mean_fitness": float(np.mean([cache[i] for i in pop])), "evals_total": len(cache)})
+            bar.update(1)
+        bar.set_postfix(best=f"{cache[best]:.4f}", evals=len(cache))
+        if gen + 1 >= config.generations:
+            save()
+            break
+        pop = _breed(pop, cache, rng, config)
+        gen += 1
+        save()
+    bar.close()
+    best = min(cache, key=lambda ind: (-cache[ind], ind))  # best ever evaluated (elitism keeps it anyway)
+    return GAResult(best, cache[best], individual_factors(best, config), control_points(best, config),
+                    history, evaluations)
+
+
+def synthetic_fitness(factors) -> float:
+    """A cheap smooth stand-in for the KV fitness (tests, --synthetic): higher when the factors are near a
+    bump of height 1.8 around 40% depth and 1.0 at both ends; max 0."""
+    f = np.asarray(check_factors(factors), dtype=np.float64)
+    u = np.linspace(0, 1, len(f))
+    target = 1.0 + 0.8 * np.exp(-((u - 0.4) / 0.2) ** 2)
+    return float(-np.mean((f - target) ** 2))
+
+
+# -----------------------------------------------------------------------------
+# 8. Extrapolation: passkey retrieval and long-context perplexity
+#
+# The paper's second claim: layer-specific factors on top of Position Interpolation (PI) or Dynamic-NTK
+# extrapolate beyond the trained context better than the same base method alone. Two measures, both
+# from ONE forward pass per (method, length, example):
+#
+# * Passkey retrieval (Mohtashami & Jaggi's landmark-attention test, used by YaRN and LongRoPE): a
+#   random 5-digit key is hidden at a chosen depth in a haystack, and the model is asked for it. Scored
+#   teacher-forced like KV retrieval: right iff every answer token is the argmax (exactly when greedy
+#   decoding would emit the key), plus the answer's log-probability.
+# * Perplexity of the haystack itself, on evenly strided target positions (the lm_head runs only on
+#   those positions and on the answer's, never on all 16k).
+#
+# The haystack is either the classic filler ("The grass is green. ..." repeated; its perplexity is that
+# of copying a 24-token loop: it only shows positional breakdown) or real prose: the Python Language
+# Reference as shipped in every CPython (`pydoc_data.topics`, ~465k characters, ~110k tokens, PSF
+# licence). That text needs no download, is the same on every machine with the same Python version
+# (its SHA-256 goes into the results), and is long, coherent English prose with code -- a fair stand-in
+# for the PG19/Proof-pile documents of the literature, which the project cannot ship.
+#
+# Methods at target length L, for a model trained to max_position_embeddings = T:
+#   none: the model as trained; pi: rope_type linear with factor max(1, L/T); ntk: rope_type dynamic
+#   (factor 2 by default, HF's Dynamic-NTK, which grows the base only once the input exceeds T);
+#   pi+layer / ntk+layer: the same with layer l's positions further divided by factors[l].
+# At L <= T, pi (factor 1) and ntk (not triggered) ARE the unscaled model, so methods that coincide at
+# a length are run once and the result is shared (the table says so).
+
+PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+                 "I will quiz you about the important information there.")
+PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+PASSKEY_QUESTION = "What is the pass key? The pass key is"
+HAYSTACKS = ("classic", "pydoc")
+
+
+def pydoc_text() -> str:
+    """The Python Language Reference topics shipped with CPython (pydoc_data.topics), in sorted topic order."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+_HAYSTACK_CACHE: dict = {}
+
+
+def haystack_tokens(tok, haystack: str = "classic", min_tokens: int = 0) -> list[int]:
+    """Token ids of a haystack source: the classic filler repeated to >= min_tokens, or the whole pydoc text."""
+    if haystack == "classic":
+        unit = _encode(tok, " " + PASSKEY_FILLER)
+        return unit * (max(min_tokens, 1) // len(unit) + 1)
+    if haystack == "pydoc":
+        key = (id(tok), "pydoc")
+        if key not in _HAYSTACK_CACHE:
+            _HAYSTACK_CACHE[key] = _encode(tok, "\n" + pydoc_text())
+        ids = _HAYSTACK_CACHE[key]
+        if len(ids) < min_tokens:
+            raise ValueError(f"the pydoc haystack has {len(ids)} tokens, {min_tokens} asked for")
+        return ids
+    raise ValueError(f"haystack must be one of {HAYSTACKS}, got {haystack!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PasskeyExample:
+    """One passkey prompt of exactly n_tokens input tokens.
+
+    full_ids = input_ids + (last answer token,): the model reads input_ids; position p predicts full_ids[p+1].
+    The answer (" " + key) is full_ids[answer_start:]; haystack tokens (perplexity targets) are full_ids
+    indices in the half-open `haystack_spans`; the needle sentence starts at full_ids[needle_start].
+    """
+
+    full_ids: tuple
+    key: str
+    depth: float
+    answer_start: int
+    needle_start: int
+    haystack_spans: tuple  # ((start, end), (start, end))
+    haystack: str
+    offset: int  # where the haystack slice starts in its source (0 for classic)
+
+    @property
+    def input_ids(self) -> tuple:
+        return self.full_ids[:-1]
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.full_ids) - 1
+
+    @property
+    def answer_ids(self) -> tuple:
+        return self.full_ids[self.answer_start:]
+
+
+def passkey_prompt(key: str, filler_before: str, filler_after: str) -> str:
+    """The passkey prompt as text (for reading and generation; the scorer builds token ids directly)."""
+    return (f"{PASSKEY_INTRO}\n{filler_before} {PASSKEY_NEEDLE.format(key=key)} {filler_after}\n"
+            f"{PASSKEY_QUESTION} {key}")
+
+
+def make_passkey_example(tok, n_tokens: int, depth: float = 0.5, seed: int = 0, index: int = 0,
+                         haystack: str = "classic") -> PasskeyExample:
+    """A passkey example with exactly n_tokens input tokens, the needle at `depth` (0: first, 1: last) of
+    the haystack. The key (5 digits) and, for prose haystacks, the text offset come from (seed, index).
+
+    Pieces are tokenised separately and joined as token ids (intro, haystack before, needle, haystack
+    after, question, answer), so the length is exact; the haystack is cut at token boundaries.
+    """
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must lie in [0, 1], got {depth}")
+    rng = np.random.default_rng([seed, index])
+    key = str(int(rng.integers(10000, 100000)))
+    intro = _encode(tok, PASSKEY_INTRO + "\n")
+    needle = _encode(tok, " " + PASSKEY_NEEDLE.format(key=key))
+    question = _encode(tok, "\n" + PASSKEY_QUESTION)
+    answer = _encode(tok, " " + key)
+    H = n_tokens + 1 - len(intro) - len(needle) - len(question) - len(answer)
+    if H < 2:
+        raise ValueError(f"n_tokens={n_tokens} leaves no room for a haystack (the fixed parts take {n_tokens + 1 - H})")
+    src = haystack_tokens(tok, haystack, H)
+    offset = 0 if haystack == "classic" else int(rng.integers(0, len(src) - H + 1))
+    hay = src[offset:offset + H]
+    a = int(round(depth * H))
+    full = intro + hay[:a] + needle + hay[a:] + question + answer
+    s1 = len(intro)
+    needle_start = s1 + a
+    s2 = needle_start + len(needle)
+    answer_start = len(full) - len(answer)
+    assert len(full) == n_tokens + 1
+    return PasskeyExample(tuple(full), key, float(depth), answer_start, needle_start,
+                          ((s1, s1 + a), (s2, s2 + H - a)), haystack, offset)
+
+
+def make_passkey_examples(tok, n_tokens: int, n: int, seed: int = 0, haystack: str = "classic",
+                          depths: Sequence[float] | None = None) -> list[PasskeyExample]:
+    """n examples; depths default to n evenly spaced values in [0.1, 0.9] (0.5 for n = 1)."""
+    if depths is None:
+        depths = [0.5] if n == 1 else np.linspace(0.1, 0.9, n).tolist()
+    if len(depths) != n:
+        raise ValueError(f"{len(depths)} depths for {n} examples")
+    return [make_passkey_example(tok, n_tokens, d, seed, i, haystack) for i, d in enumerate(depths)]
+
+
+def _ppl_targets(ex: PasskeyExample, max_positions: int) -> np.ndarray:
+    """full_ids indices of up to max_positions haystack tokens, evenly strided, to score perplexity on.
+    The first token of each span is skipped: it follows a different piece (intro or needle)."""
+    idx = np.concatenate([np.arange(s + 1, e) for s, e in ex.haystack_spans])
+    if len(idx) > max_positions:
+        idx = idx[np.round(np.linspace(0, len(idx) - 1, max_positions)).astype(int)]
+    return idx
+
+
+@torch.inference_mode()
+def passkey_and_ppl(model, ex: PasskeyExample, ppl_positions: int = 2048, device=None,
+                    start_layer: int = 0, hidden_in: torch.Tensor | None = None, capture_layer: int | None = None) -> dict:
+    """One forward pass: passkey retrieval (teacher-forced) and haystack perplexity of one example.
+
+    Returns correct (every answer token is the argmax), answer_logprob (sum, nats), ppl (exp of the mean
+    NLL on up to ppl_positions strided haystack targets), ppl_tail (same, targets in the last quarter of
+    the sequence), nll_by_quarter (mean NLL in each quarter of the positions) and seconds (forward time).
+
+    Prefix sharing: capture_layer=k also returns "hidden_in", the hidden states entering decoder layer k;
+    passing them back as hidden_in with start_layer=k runs only layers k.. (the decoder's layer list is cut
+    for the call and restored). Exact when layers < k compute the same thing in both runs -- e.g. the
+    base method and base+layer with factors[:k] all 1.0, which pass the module's own cos/sin through.
+    """
+    import time
+
+    device = device or next(model.parameters()).device
+    ids = torch.tensor(ex.input_ids, device=device)[None]
+    targets = _ppl_targets(ex, ppl_positions)
+    ans = np.arange(ex.answer_start, len(ex.full_ids))
+    captured, hook = {}, None
+    if capture_layer is not None:
+        def grab(mod, args, kwargs):
+            captured["h"] = args[0] if args else kwargs["hidden_states"]
+        hook = _decoder(model).layers[capture_layer].register_forward_pre_hook(grab, with_kwargs=True)
+    t0 = time.perf_counter()
+    try:
+        if hidden_in is None:
+            hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state[0]  # (T, hidden)
+        else:
+            dec = _decoder(model)
+            layers = dec.layers
+            dec.layers = torch.nn.ModuleList(list(layers)[start_layer:])  # hooks stay on the same modules
+            try:
+                hidden = model.model(inputs_embeds=hidden_in, use_cache=False).last_hidden_state[0]
+            finally:
+                dec.layers = layers
+    finally:
+        if hook is not None:
+            hook.remove()
+    # position p predicts full_ids[p + 1]: the lm_head runs on the ~2k selected positions only
+    pos = torch.tensor(np.concatenate([targets, ans]) - 1, device=device)
+    logp = torch.log_softmax(model.lm_head(hidden[pos]).float(), -1)
+    seconds = time.perf_counter() - t0
+    gold = torch.tensor([ex.full_ids[i] for i in np.concatenate([targets, ans])], device=device)
+    lp = logp.gather(-1, gold[:, None])[:, 0].cpu().numpy().astype(np.float64)
+    hit = (logp.argmax(-1) == gold).cpu().numpy()
+    k = len(targets)
+    nll = -lp[:k]
+    T = ex.n_tokens
+    quarter = np.minimum((targets * 4) // (T + 1), 3)
+    return {
+        "correct": bool(hit[k:].all()),
+        "answer_logprob": float(lp[k:].sum()),
+        "ppl": float(np.exp(nll.mean())),
+        "ppl_tail": float(np.exp(nll[quarter == 3].mean())) if (quarter == 3).any() else float("nan"),
+        "nll_by_quarter": [float(nll[quarter == q].mean()) if (quarter == q).any() else None for q in range(4)],
+        "ppl_n": int(k),
+        "seconds": seconds,
+        "layers_run": num_layers(model) - (start_layer if hidden_in is not None else 0),
+        **({"hidden_in": captured["h"]} if capture_layer is not None else {}),
+    }
+
+
+# Methods, their base rope parameters at a target length, and which coincide.
+EXTRAPOLATION_METHODS = ("none", "pi", "ntk", "pi+layer", "ntk+layer")
+
+
+def method_rope(method: str, length: int, max_position: int, rope_theta: float, ntk_factor: float = 2.0) -> tuple:
+    """(rope_parameters or None, uses_layer_factors) of a method at a target length, reduced to what the
+    model computes: PI with factor 1 and Dynamic-NTK at length <= max_position are the unscaled RoPE."""
+    base, layer = method.split("+")[0], method.endswith("+layer")
+    if method not in EXTRAPOLATION_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {EXTRAPOLATION_METHODS}")
+    if base == "pi" and length > max_position:
+        return {"rope_type": "linear", "factor": length / max_position, "rope_theta": rope_theta}, layer
+    if base == "ntk" and length > max_position:
+        return {"rope_type": "dynamic", "factor": float(ntk_factor), "rope_theta": rope_theta}, layer
+    return None, layer
+
+
+def default_extrapolation_factors(num_layers: int, sensitive: float = 16 / 29, top: float = 1.5) -> list[float]:
+    """Fallback layer profile when no searched factors are given: 1.0 up to the sensitive middle layer
+    (SmolLM2's layer 16 at depth 16/29: scaling it alone by 2 breaks KV retrieval), then a linear ramp to
+    `top` at the last layer. Piecewise linear through (0, 1), (sensitive, 1), (1, top)."""
+    return linear_factors([[0.0, 1.0], [sensitive, 1.0], [1.0, top]], num_layers)
+
+
+def _peak_rss_mb() -> float:
+    import resource
+    import sys
+
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 1024 / 1024 if sys.platform == "darwin" else r / 1024  # bytes on macOS, KiB on Linux
+
+
+def extrapolation_table(lengths: Sequence[int], samples: dict, layer_factors_: Sequence[float],
+                        haystack: str = "classic", ppl_haystack: str | None = None, seed: int = 0,
+                        ntk_factor: float = 2.0, ppl_positions: int = 2048, methods=EXTRAPOLATION_METHODS,
+                        log_path: str | None = None, model_path: str | None = None, dtype=torch.float32,
+                        device: str = "cpu", load=None, log=print, share_prefix: bool = True) -> list[dict]:
+    """Run every (round, length, distinct method) forward and return one record per forward.
+
+    samples: {length: n examples}. Rounds go example 0 at every length, then example 1, ... so a
+    partial run still covers every length. Example i at length L has depth linspace(0.1, 0.9, n_L)[i].
+    log_path: JSON lines, one record per forward, appended as they finish; records already there (same
+    length, example, method key) are reused, so a killed run resumes. load(rope_parameters) -> (model,
+    tok) overrides the loader (tests). share_prefix: when factors[:k] are all 1.0, a +layer forward reuses
+    the hidden states entering layer k from its base method's forward and runs only layers k.. (exact; see
+    passkey_and_ppl); its record says layers_run. Each record: length, example, depth, key, haystack, methods (the
+    method names it stands for), seconds, peak_rss_mb and passkey_and_ppl's fields.
+    """
+    load = load or (lambda rp: load_model(model_path, dtype=dtype, device=device,
+                                          **({} if rp is None else {"rope_parameters": rp})))
+    done = {}
+    if log_path and os.path.exists(log_path):
+        with open(log_path) as f:
+            for line in f:
+                if line.strip():
+                    r = json.loads(line)
+                    done[(r["length"], r["example"], r["haystack"], r["method_key"])] = r
+    model, tok = load(None)
+    cfg = model.config
+    T, theta = cfg.max_position_embeddings, float(cfg.rope_parameters["rope_theta"])
+    factors = check_factors(layer_factors_, num_layers(model))
+    k = next((j for j, f in enumerate(factors) if f != 1.0), len(factors))  # first scaled layer
+    haystacks = [haystack] + ([ppl_haystack] if ppl_haystack and ppl_haystack != haystack else [])
+    records, loaded_key = [], "null"  # the model loaded above is the unscaled one
+    for i in range(max(samples[L] for L in lengths)):
+        for L in lengths:  # in the order given: put the lengths that matter most first
+            if i >= samples[L]:
+                continue
+            depths = [0.5] if samples[L] == 1 else np.linspace(0.1, 0.9, samples[L]).tolist()
+            groups: dict = {}
+            for m in methods:
+                rp, layer = method_rope(m, L, T, theta, ntk_factor)
+                groups.setdefault(json.dumps([rp, layer], sort_keys=True), []).append(m)
+            # each base method right before its +layer variant (same model; the shared prefix is reused)
+            # (the unscaled model last beyond the trained context: its failure there is the least informative)
+            groups = dict(sorted(groups.items(), key=lambda g: (json.loads(g[0])[0] is None and L > T,
+                                                                json.dumps(json.loads(g[0])[0]), json.loads(g[0])[1])))
+            for hs in haystacks:
+                ex = make_passkey_example(tok, L, depths[i], seed, i, hs)
+                prefix = {}  # base rope parameters -> hidden states entering layer k for this example
+                for mkey, names in groups.items():
+                    if (L, i, hs, mkey) in done:
+                        records.append(done[(L, i, hs, mkey)])
+                        continue
+                    rp, layer = json.loads(mkey)
+                    rkey = json.dumps(rp)
+                    if rkey != loaded_key:
+                        del model
+                        model, _ = load(rp)
+                        loaded_key = rkey
+                    ctx = scaled(model, factors) if layer else contextlib.nullcontext()
+                    share = share_prefix and 0 < k < len(factors)
+                    with ctx:
+                        if layer and share and rkey in prefix:
+                            r = passkey_and_ppl(model, ex, ppl_positions, start_layer=k, hidden_in=prefix.pop(rkey))
+                        else:
+                            r = passkey_and_ppl(model, ex, ppl_positions,
+                                                capture_layer=k if share and not layer else None)
+                            if "hidden_in" in r:
+                                prefix[rkey] = r.pop("hidden_in")
+                    rec = {"length": L, "example": i, "depth": ex.depth, "key": ex.key, "haystack": hs,
+                           "offset": ex.offset, "method_key": mkey, "methods": names, **r,
+                           "peak_rss_mb": _peak_rss_mb(), "loadavg": os.getloadavg()[0]}
+                    records.append(rec)
+                    if log_path:
+                        with open(log_path, "a") as f:
+                            f.write(json.dumps(rec) + "\n")
+                    log(f"L={L} ex={i} {hs:7s} {'/'.join(names):24s} correct={r['correct']!s:5s} "
+                        f"lp={r['answer_logprob']:8.2f} ppl={r['ppl']:9.2f} tail={r['ppl_tail']:9.2f} "
+                        f"{r['seconds']:6.1f}s rss={rec['peak_rss_mb']:.0f}MB")
+    return records
+
+
+def summarize_extrapolation(records: Sequence[dict], methods=EXTRAPOLATION_METHODS) -> list[dict]:
+    """One row per (haystack, length, method): n, passkey accuracy, mean answer log-prob, perplexity
+    (exp of the mean per-example NLL), tail perplexity, median seconds per forward, shared-with."""
+    rows = []
+    keys = sorted({(r["haystack"], r["length"]) for r in records})
+    most = max((r.get("layers_run") or 0 for r in records), default=0)  # a full forward
+    for hs, L in keys:
+        for m in methods:
+            rs = [r for r in records if r["haystack"] == hs and r["length"] == L and m in r["methods"]]
+            if not rs:
+                continue
+            rows.append({
+                "haystack": hs, "length": L, "method": m, "n": len(rs),
+                "passkey_acc": float(np.mean([r["correct"] for r in rs])),
+                "answer_logprob": float(np.mean([r["answer_logprob"] for r in rs])),
+                "ppl": float(np.exp(np.mean([np.log(r["ppl"]) for r in rs]))),
+                "ppl_tail": float(np.exp(np.mean([np.log(r["ppl_tail"]) for r in rs]))),
+                "seconds": float(np.median([r["seconds"] for r in rs])),
+                "layers_run": min((r.get("layers_run") or most for r in rs), default=most),
+                "same_as": [x for x in rs[0]["methods"] if x != m],
+            })
+    return rows
+
+
+def extrapolation_markdown(rows: Sequence[dict], meta: dict) -> str:
+    lines = [f"# Extrapolation on {meta.get('model', 'SmolLM2-135M-Instruct')} "
+             f"(trained context {meta.get('max_position_embeddings')})", ""]
+    for k in ("command", "device", "dtype", "haystacks", "samples", "seed", "ntk_factor", "factors_source",
+              "factors", "ppl_positions", "pydoc_sha256", "python", "torch", "transformers", "notes"):
+        if k in meta:
+            lines.append(f"- **{k}**: `{meta[k]}`" if k in ("command", "factors") else f"- **{k}**: {meta[k]}")
+    lines.append("")
+    for hs in sorted({r["haystack"] for r in rows}):
+        lines += [f"## Haystack: {hs}", "",
+                  "| length | method | n | passkey acc | answer log-prob | ppl | ppl last 25% | s/forward | layers run "
+                  "| same forward as |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for r in rows:
+            if r["haystack"] == hs:
+                lines.append(f"| {r['length']} | {r['method']} | {r['n']} | {r['passkey_acc']:.2f} | "
+                             f"{r['answer_logprob']:.2f} | {r['ppl']:.2f} | {r['ppl_tail']:.2f} | {r['seconds']:.1f} | "
+                             f"{r['layers_run']} | {', '.join(r['same_as']) or '-'} |")
+        lines += ["", "(layers run: decoder layers this forward computed; fewer than all = the +layer forward started from "
+                  "its base method's hidden states at the first scaled layer, which is exact)"]
+        lines.append("")
+    if "timing" in meta:
+        lines += ["## Time per forward and peak RSS", "",
+                  "| length | forwards (full) | median s per full forward | 1-min load average | peak RSS (MB) |",
+                  "|---:|---:|---:|---:|---:|"]
+        for t in meta["timing"]:
+            lines.append(f"| {t['length']} | {t['forwards']} ({t['full_forwards']}) | {t['median_seconds']:.1f} | "
+                         f"{t['loadavg']:.1f} | {t['peak_rss_mb']:.0f} |")
+        if "timing_notes" in meta:
+            lines += ["", meta["timing_notes"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_extrapolation(rows: Sequence[dict], path: str, title: str = "SmolLM2-135M beyond its 8k context",
+                       trained: int = 8192) -> None:
+    """Left: passkey answer log-probability (filled marker: passkey retrieved by every example of that point,
+    hollow: not); right: haystack perplexity (log scale). Methods are nudged apart on x so that coinciding
+    methods (all of them inside the trained context) stay visible."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hss = sorted({r["haystack"] for r in rows})
+    fig, axes = plt.subplots(len(hss), 2, figsize=(12, 4.2 * len(hss)), squeeze=False)
+    for a, hs in zip(axes, hss):
+        for j, m in enumerate(EXTRAPOLATION_METHODS):
+            rs = sorted((r for r in rows if r["haystack"] == hs and r["method"] == m), key=lambda r: r["length"])
+            if not rs:
+                continue
+            x = np.array([r["length"] for r in rs]) + (j - 2) * 120
+            ls = "--" if "layer" in m else "-"
+            line, = a[0].plot(x, [r["answer_logprob"] for r in rs], ls, label=m)
+            for xi, r in zip(x, rs):
+                a[0].plot(xi, r["answer_logprob"], "o", color=line.get_color(),
+                          markerfacecolor=line.get_color() if r["passkey_acc"] == 1.0 else "white")
+            a[1].plot(x, [r["ppl"] for r in rs], ls, marker="o", color=line.get_color(), label=m)
+        for ax in a:
+            ax.axvline(trained, color="grey", linewidth=0.8, linestyle=":", label=f"trained context ({trained})")
+            ax.set_xlabel("input length (tokens)")
+        a[0].set_ylabel("passkey answer log-prob (nats, 0 = certain)")
+        a[1].set_ylabel("haystack perplexity (log scale)")
+        a[1].set_yscale("log")
+        a[0].set_title(f"passkey, {hs} haystack (filled: retrieved, hollow: missed)")
+        a[1].set_title(f"perplexity of the {hs} haystack")
+        a[1].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _timing(records) -> list[dict]:
+    out = []
+    for L in sorted({r["length"] for r in records}):
+        rs = [r for r in records if r["length"] == L]
+        most = max(x.get("layers_run", 0) for x in records)
+        full = [r["seconds"] for r in rs if r.get("layers_run", most) == most]  # older records: full forwards
+        out.append({"length": L, "forwards": len(rs), "full_forwards": len(full),
+                    "median_seconds": float(np.median(full)) if full else float("nan"),
+                    "peak_rss_mb": float(max(r["peak_rss_mb"] for r in rs)),
+                    "loadavg": float(np.median([r["loadavg"] for r in rs]))})
+    return out
+
+
+def _cpu_name() -> str:
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        return f"{names[0]} x{len(names)}" if names else platform.machine()
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _reproducing_argv(argv) -> list[str]:
+    """The command line minus what only affects this invocation (--resume, --report-only, --note TEXT)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--resume", "--report-only") or a.startswith("--note="):
+            continue
+        elif a == "--note":
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
+def cmd_extrapolate(args) -> None:
+    """`python layer_rope.py extrapolate ...`: measure, then write OUT.json, OUT.md and OUT.png."""
+    import hashlib
+    import platform
+    import sys
+
+    import transformers
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lengths = [int(x) for x in args.lengths]
+    counts = [int(x) for x in args.samples]
+    if len(counts) == 1:
+        counts *= len(lengths)
+    if len(counts) != len(lengths):
+        raise SystemExit(f"--samples needs 1 or {len(lengths)} counts, got {len(counts)}")
+    samples = dict(zip(lengths, counts))
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    probe, _ = load_model(args.model, dtype=dtype, device=args.device)
+    nl, T = num_layers(probe), probe.config.max_position_embeddings
+    del probe
+    if args.factors and os.path.exists(args.factors):
+        factors, doc = load_factors(args.factors, nl, with_metadata=True)
+        source = f"{args.factors} (" + ", ".join(f"{k}={doc[k]}" for k in ("task", "curve", "fitness") if k in doc) + ")"
+    else:
+        if args.factors:
+            print(f"{args.factors} not found; using the default profile")
+        factors = default_extrapolation_factors(nl, top=args.profile_top)
+        source = (f"default_extrapolation_factors(top={args.profile_top}): 1.0 through depth 16/29 (layer 16), "
+                  f"then linear to {args.profile_top} at the last layer")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    log_path = args.out + ".jsonl"
+    if not (args.resume or args.report_only) and os.path.exists(log_path):
+        os.remove(log_path)
+    if args.report_only:  # tables from the records already in OUT.jsonl, no new forwards
+        with open(log_path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    else:
+        records = extrapolation_table(lengths, samples, factors, haystack=args.haystack,
+                                      ppl_haystack=args.ppl_haystack, seed=args.seed, ntk_factor=args.ntk_factor,
+                                      ppl_positions=args.ppl_positions, log_path=log_path, model_path=args.model,
+                                      dtype=dtype, device=args.device)
+    rows = summarize_extrapolation(records)
+    meta = {
+        "model": os.path.basename(args.model) if args.model else "SmolLM2-135M-Instruct (embedded GGUF)",
+        "max_position_embeddings": T,
+        "command": "python layer_rope.py " + " ".join(_reproducing_argv(getattr(args, "argv", None) or sys.argv[1:])),
+        "device": f"{args.device} ({_cpu_name()}, {torch.get_num_threads()} torch threads)"
+                  + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""),
+        "dtype": args.dtype, "haystacks": sorted({r["haystack"] for r in records}),
+        "samples": {f"{hs} {L}": len({r["example"] for r in records if r["haystack"] == hs and r["length"] == L})
+                    for hs, L in sorted({(r["haystack"], r["length"]) for r in records})},
+        "seed": args.seed, "ntk_factor": args.ntk_factor, "factors_source": source,
+        "factors": [round(f, 4) for f in factors], "ppl_positions": args.ppl_positions,
+        "pydoc_sha256": hashlib.sha256(pydoc_text().encode()).hexdigest(),
+        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "timing": _timing(records),
+        "timing_notes": (
+            "Times are wall seconds of one forward (model body + lm_head on the selected positions) under "
+            "`nice -n 15` on a shared 2-core machine (load average in the table): they measure contention as "
+            "much as the model. For scale, uncontended 2-thread float32 forwards of SmolLM2-135M take ~3.7 s "
+            "at 2k, 29 s at 8k and 90 s at 16k tokens. 'layers run' < all: a +layer forward that reused the "
+            "hidden states entering the first scaled layer from its base method's forward (exact). Peak RSS "
+            "is the process's ru_maxrss after the forward (monotone within one run). A materialised fp32 "
+            "attention matrix at 16k would take 16384^2 x 4 B = 1.07 GB per head, 9.7 GB for SmolLM2's 9 "
+            "heads of one layer: a peak RSS of a few GB shows SDPA never builds it."),
+        "notes": (f"PI factor = max(1, L/{T}); Dynamic-NTK factor {args.ntk_factor} (HF `dynamic`, active only "
+                  f"above {T} tokens). At L <= {T} pi and ntk are the unscaled model and pi+layer = ntk+layer: "
+                  "those rows share one forward ('same forward as'). Example i at length L has the needle at "
+                  "depth linspace(0.1, 0.9, n_L)[i] (0.5 if n_L = 1). ppl: exp of the mean NLL over up to "
+                  f"{args.ppl_positions} evenly strided haystack targets per example, geometric mean over "
+                  "examples; 'ppl last 25%' restricts to targets in the last quarter of the positions."
+                  + (f" {args.note}" if args.note else "")),
+    }
+    with open(args.out + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": rows, "records": records}, f, indent=1)
+    with open(args.out + ".md", "w") as f:
+        f.write(extrapolation_markdown(rows, meta))
+    plot_extrapolation(rows, args.out + ".png")
+    print(extrapolation_markdown(rows, meta))
+
+
+def add_extrapolate_parser(subparsers) -> None:
+    p = subparsers.add_parser("extrapolate", help="passkey retrieval and perplexity beyond the trained context: "
+                              "none / PI / Dynamic-NTK, each with and without layer-specific factors")
+    p.add_argument("--lengths", nargs="+", default=["4096", "8192", "12288", "16384"], help="input lengths (tokens)")
+    p.add_argument("--samples", nargs="+", default=["3", "2", "2", "1"],
+                   help="examples per length (one count, or one per length)")
+    p.add_argument("--haystack", choices=HAYSTACKS, default="classic", help="passkey haystack")
+    p.add_argument("--ppl-haystack", choices=HAYSTACKS, default=None,
+                   help="also run every example with this haystack (e.g. pydoc, for prose perplexity)")
+    p.add_argument("--factors", default="results/smollm2-135m-kv.json",
+                   help="layer factors file (save_factors format); default profile if missing")
+    p.add_argument("--profile-top", type=float, default=1.5, help="top factor of the default profile")
+    p.add_argument("--ntk-factor", type=float, default=2.0, help="Dynamic-NTK factor")
+    p.add_argument("--ppl-positions", type=int, default=2048, help="strided haystack targets scored per example")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default=None, help="HF model dir or .gguf (default: embedded SmolLM2)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--out", default="results/extrapolation-smollm2", help="output prefix (.json .md .png .jsonl)")
+    p.add_argument("--resume", action="store_true", help="reuse records in OUT.jsonl from an interrupted run")
+    p.add_argument("--report-only", action="store_true",
+                   help="write OUT.json/.md/.png from the records in OUT.jsonl without running anything")
+    p.add_argument("--note", default="", help="free text appended to the notes of the written table")
+    p.set_defaults(func=cmd_extrapolate)
+
+
+# -----------------------------------------------------------------------------
+# 9. CLI: search, eval, sensitivity, extrapolate
+#
+# `search` runs the paper's experiment end to end on KV retrieval: baseline accuracy per gold position,
+# a sensitivity scan to pick the layers to freeze, the GA on a search set, then held-out accuracy of no
+# scaling, the best uniform factor, a linear ramp and the GA's factors, written as a factors JSON (with
+# the whole record) and a plot. Search and held-out sets are generated with different seeds and checked
+# disjoint. Default sizes were chosen from ~0.45 s per 20-pair example on 2 idle CPU cores so that the
+# default run fits in 20 minutes; --quick is a ~2-minute smoke test.
+
+_MODELS: dict = {}  # model path -> (model, tokenizer), one load per process (also per pool worker)
+
+
+def _cached_model(path):
+    key = path or "<embedded>"
+    if key not in _MODELS:
+        _MODELS[key] = load_model(path)
+    return _MODELS[key]
+
+
+@dataclasses.dataclass
+class KVObjective:
+    """Picklable fitness for `genetic_search`: factors -> kv_fitness(...).fitness on fixed examples.
+
+    Loads the model lazily, once per process, so the same object works with built-in map and with a
+    process pool's map (each worker loads its own copy).
+    """
+
+    examples: list
+    model_path: str | None = None
+    weights: dict | None = None
+    chat: bool = False
+    batch_size: int = 8
+
+    def __call__(self, factors) -> float:
+        model, tok = _cached_model(self.model_path)
+        return kv_fitness(model, tok, self.examples, factors, self.weights, self.chat, self.batch_size).fitness
+
+
+@dataclasses.dataclass
+class _SyntheticObjective:
+    """synthetic_fitness with an optional delay and a log line per evaluation (for the CLI's tests)."""
+
+    delay: float = 0.0
+    log: str | None = None
+
+    def __call__(self, factors) -> float:
+        import time
+
+        if self.delay:
+            time.sleep(self.delay)
+        f = synthetic_fitness(factors)
+        if self.log:
+            with open(self.log, "a") as fh:
+                fh.write(json.dumps(factors) + "\n")
+        return f
+
+
+def kv_sets(pairs: int, positions: int, samples: int, seed: int, data: str | None = None, offset: int = 0):
+    """Examples with the gold pair at each of `positions` spread indices, `samples` per index.
+
+    data=None generates word-key/4-digit-value examples (make_kv_examples); else rows offset..offset+samples-1
+    of an original jsonl(.gz) file, where `pairs` is read from the file.
+    """
+    if data is not None:
+        first = load_kv_examples(data, None, 1, offset)
+        if not first:
+            raise ValueError(f"{data}: no row {offset}")
+        pairs = len(first[0].records)
+        return [ex for p in gold_positions(pairs, positions) for ex in load_kv_examples(data, p, samples, offset)]
+    return [ex for p in gold_positions(pairs, positions) for ex in make_kv_examples(samples, pairs, p, seed=seed)]
+
+
+def _check_disjoint(a, b):
+    """Refuse held-out prompts that are a search prompt with the gold pair moved (or the same one)."""
+    base_a = {frozenset(ex.records) for ex in a}
+    if any(frozenset(ex.records) in base_a for ex in b):
+        raise ValueError("search and held-out sets share an example; use different seeds/offsets")
+
+
+def accuracy_table(results: dict, n_per_position: int | None = None) -> str:
+    """Markdown table, one row per setting: accuracy at each gold position and the mean."""
+    names = list(results)
+    pos = sorted(results[names[0]]["accuracy"], key=int)
+    head = "| setting | " + " | ".join(f"pos {p}" for p in pos) + " | mean |"
+    rows = [head, "|---" * (len(pos) + 2) + "|"]
+    for name in names:
+        r = results[name]
+        rows.append(f"| {name} | " + " | ".join(f"{r['accuracy'][p]:.2f}" for p in pos) + f" | {r['mean_accuracy']:.3f} |")
+    if n_per_position:
+        rows.append(f"\n{n_per_position} held-out prompts per gold position")
+    return "\n".join(rows)
+
+
+def _plot(path: str, results: dict, factor_sets: dict, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, r in results.items():
+        pos = sorted(r["accuracy"], key=int)
+        a.plot([int(p) for p in pos], [r["accuracy"][p] for p in pos], marker="o", label=name)
+    a.set(xlabel="gold pair index", ylabel="held-out accuracy", ylim=(-0.02, 1.02), title="KV retrieval")
+    a.legend(fontsize=8)
+    for name, f in factor_sets.items():
+        b.plot(range(len(f)), f, marker=".", label=name)
+    b.set(xlabel="decoder layer", ylabel="RoPE position factor", title="factors")
+    b.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _parse_freeze(s: str):
+    if s in ("auto", "none"):
+        return s
+    try:
+        return sorted({int(v) for v in s.split(",") if v.strip()})
+    except ValueError:
+        raise ValueError(f"--freeze takes 'auto', 'none' or comma-separated layer indices, got {s!r}") from None
+
+
+def _data_args(p):
+    p.add_argument("--model", default=None, help="local HF model directory or .gguf file (default: embedded SmolLM2)")
+    p.add_argument("--data", default=None, help="an original kv-retrieval-*.jsonl.gz (default: generated word keys)")
+    p.add_argument("--pairs", type=int, default=20, help="key-value pairs per generated prompt")
+    p.add_argument("--positions", type=int, default=5, help="gold positions, spread from first to last")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
+
+
+QUICK = dict(pairs=10, positions=3, search_samples=2, heldout_samples=3, scan_samples=1, population=4,
+             generations=2, uniform="1.5,2.0", out=os.path.join("results", "quick-kv.json"))
+
+
+def _search(args) -> dict:
+    import time
+
+    t0 = time.time()
+    out = args.out
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    ckpt = args.checkpoint or f"{os.path.splitext(out)[0]}.ckpt.json"
+    if args.restart and os.path.exists(ckpt):
+        os.remove(ckpt)
+    freeze = _parse_freeze(args.freeze)
+    record = {"command": "python layer_rope.py " + " ".join(args.argv), "settings": {
+        k: v for k, v in vars(args).items() if k not in ("func", "argv")}}
+
+    if args.synthetic:  # no model: the GA machinery alone, for tests of kill/resume
+        L = args.layers
+        cfg = _ga_config(args, L, [] if freeze in ("auto", "none") else freeze)
+        res = genetic_search(_SyntheticObjective(args.eval_delay, args.eval_log), cfg, checkpoint=ckpt,
+                             tag={"fitness": "synthetic"}, progress=not args.no_progress)
+        record.update(ga=cfg.to_json(), result=res.to_json())
+        save_factors(out, res.factors, control_points=res.control_points, **record)
+        print(json.dumps({"best": list(res.best), "fitness": res.fitness, "evaluations": len(res.evaluations)}))
+        return record
+
+    model, tok = _cached_model(args.model)
+    L = num_layers(model)
+    kw = dict(chat=args.chat, batch_size=args.batch_size)
+    search = kv_sets(args.pairs, args.positions, args.search_samples, args.search_seed, args.data, 0)
+    held = kv_sets(args.pairs, args.positions, args.heldout_samples, args.heldout_seed, args.data,
+                   args.search_samples if args.data else 0)
+    _check_disjoint(search, held)
+    print(f"[search] {L} layers; search set {len(search)} prompts, held-out {len(held)} prompts", flush=True)
+    base = kv_fitness(model, tok, search, None, **kw)
+    print(f"[search] baseline on the search set: {base.mean_accuracy:.3f} {base.accuracy}", flush=True)
+    record["search_baseline"] = base.to_json()
+
+    if freeze == "auto":
+        scan_set = [ex for p in sorted({e.gold_index for e in search})
+                    for ex in [e for e in search if e.gold_index == p][:args.scan_samples]]
+        sens = sensitivity(model, tok, scan_set, args.scan_factor, progress=not args.no_progress, **kw)
+        freeze = sens.sensitive(args.max_drop)
+        record["sensitivity"] = {"prompts": len(scan_set), "frozen": freeze, **sens.to_json()}
+        print(sens.table(), flush=True)
+        print(f"[search] freezing layers {freeze} (scan x{args.scan_factor}, drop > {args.max_drop:.0%})", flush=True)
+    elif freeze == "none":
+        freeze = []
+    cfg = _ga_config(args, L, freeze)
+    tag = {"model": args.model or EMBEDDED_GGUF, "data": args.data, "pairs": args.pairs, "positions": args.positions,
+           "search_samples": args.search_samples, "search_seed": args.search_seed, "chat": args.chat}
+    objective = KVObjective(search, args.model, None, args.chat, args.batch_size)
+    _MODELS.setdefault(args.model or "<embedded>", (model, tok))
+    pool = None
+    mapper = map
+    if args.workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(args.workers)
+        mapper = pool.map
+    try:
+        res = genetic_search(objective, cfg, map=mapper, checkpoint=ckpt, tag=tag, progress=not args.no_progress)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    print(f"[search] GA best {res.fitness:.4f} at {res.control_points} ({len(res.evaluations)} evaluations)", flush=True)
+
+    uniform = [float(v) for v in args.uniform.split(",")]
+    ufit = {u: kv_fitness(model, tok, search, [u] * L, **kw).fitness for u in uniform}
+    best_u = max(uniform, key=lambda u: (ufit[u], -u))
+    ramp = linear_factors([1.0, args.factor_max], L)
+    settings = {"no scaling": [1.0] * L, f"uniform x{best_u:g}": [best_u] * L,
+                f"linear ramp 1..{args.factor_max:g}": ramp, "GA Bezier" + (f" (frozen {freeze})" if freeze else ""): res.factors}
+    heldout = {}
+    for name, f in settings.items():
+        r = kv_fitness(model, tok, held, f, **kw).to_json()
+        heldout[name] = r
+        print(f"[search] held-out {name}: {r['mean_accuracy']:.3f}", flush=True)
+    record.update(num_layers=L, frozen=freeze, ga=cfg.to_json(), result=res.to_json(),
+                  uniform_search_fitness={str(u): f for u, f in ufit.items()}, best_uniform=best_u,
+                  heldout={"seed": args.heldout_seed, "per_position": args.heldout_samples, "results": heldout},
+                  heldout_factors=settings, wall_s=round(time.time() - t0, 1))
+    save_factors(out, res.factors, control_points=res.control_points, **record)
+    table = accuracy_table(heldout, args.heldout_samples)
+    print(table)
+    plot = f"{os.path.splitext(out)[0]}.png"
+    _plot(plot, heldout, settings, f"{args.model or 'SmolLM2-135M-Instruct'}; {args.pairs} pairs; held-out seed "
+          f"{args.heldout_seed}, {args.heldout_samples}/position")
+    print(f"[search] wrote {out} and {plot} in {time.time() - t0:.0f} s")
+    return record
+
+
+def _ga_config(args, L, freeze) -> GAConfig:
+    return GAConfig(num_layers=L, num_points=args.points, factor_min=args.factor_min, factor_max=args.factor_max,
+                    factor_step=args.factor_step, curve=args.curve, freeze=tuple(freeze), population=args.population,
+                    generations=args.generations, seed=args.seed)
+
+
+def _eval(args) -> dict:
+    model, tok = _cached_model(args.model)
+    L = num_layers(model)
+    factors = load_factors(args.factors, model=model) if args.factors else [1.0] * L
+    held = kv_sets(args.pairs, args.positions, args.samples, args.seed, args.data, args.offset)
+    r = kv_fitness(model, tok, held, factors, chat=args.chat, batch_size=args.batch_size).to_json()
+    r.update(factors=args.factors, seed=args.seed, samples=args.samples)
+    print(accuracy_table({args.factors or "no scaling": r}, args.samples))
+    if args.json:
+        print(json.dumps(r))
+    return r
+
+
+def _sensitivity(args) -> dict:
+    model, tok = _cached_model(args.model)
+    ex = kv_sets(args.pairs, args.positions, args.samples, args.seed, args.data, 0)
+    sens = sensitivity(model, tok, ex, args.factor, chat=args.chat, batch_size=args.batch_size)
+    print(sens.table())
+    doc = {"command": "python layer_rope.py " + " ".join(args.argv), "prompts": len(ex),
+           "seed": args.seed, "sensitive(max_drop=0.5)": sens.sensitive(0.5), **sens.to_json()}
+    if args.out:
+        _write_json_atomic(args.out, doc)
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        ls = sorted(sens.layers)
+        ax.bar(ls, [sens.layers[l].mean_accuracy for l in ls], label=f"layer alone x{args.factor:g}")
+        ax.axhline(sens.baseline.mean_accuracy, color="k", ls="--", label="no scaling")
+        ax.set(xlabel="decoder layer", ylabel="mean KV accuracy", title=f"per-layer sensitivity ({len(ex)} prompts)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(f"{os.path.splitext(args.out)[0]}.png", dpi=120)
+        plt.close(fig)
+        print(f"wrote {args.out}")
+    return doc
+
+
+def main(argv=None) -> None:
+    import argparse
+    import sys
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ap = argparse.ArgumentParser(prog="layer_rope.py", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("search", help="baseline, sensitivity, GA search and held-out evaluation on KV retrieval")
+    _data_args(s)
+    s.add_argument("--out", default=os.path.join("results", "smollm2-135m-kv.json"), help="factors JSON to write")
+    s.add_argument("--checkpoint", default=None, help="GA checkpoint (default: OUT with .ckpt.json); resumed if present")
+    s.add_argument("--restart", action="store_true", help="delete an existing checkpoint first")
+    s.add_argument("--quick", action="store_true", help="tiny settings for a ~2 minute smoke test")
+    s.add_argument("--search-samples", type=int, default=4, help="search prompts per gold position")
+    s.add_argument("--heldout-samples", type=int, default=10, help="held-out prompts per gold position")
+    s.add_argument("--search-seed", type=int, default=1)
+    s.add_argument("--heldout-seed", type=int, default=2)
+    s.add_argument("--freeze", default="auto", help="'auto' (sensitivity scan), 'none', or layers e.g. 16,17")
+    s.add_argument("--scan-samples", type=int, default=2, help="prompts per gold position for the auto scan")
+    s.add_argument("--scan-factor", type=float, default=2.0)
+    s.add_argument("--max-drop", type=float, default=0.5, help="freeze layers whose scan accuracy drops by more")
+    s.add_argument("--points", type=int, default=4)
+    s.add_argument("--curve", default="bezier", choices=sorted(CURVES))
+    s.add_argument("--factor-min", type=float, default=1.0)
+    s.add_argument("--factor-max", type=float, default=2.0)
+    s.add_argument("--factor-step", type=float, default=0.05)
+    s.add_argument("--population", type=int, default=8)
+    s.add_argument("--generations", type=int, default=4)
+    s.add_argument("--seed", type=int, default=0, help="GA seed")
+    s.add_argument("--uniform", default="1.25,1.5,2.0", help="uniform factors tried for the 'best uniform' row")
+    s.add_argument("--workers", type=int, default=1, help="evaluate the population in a process pool")
+    s.add_argument("--synthetic", action="store_true", help="no model: GA on synthetic_fitness (tests)")
+    s.add_argument("--layers", type=int, default=30, help="layers for --synthetic")
+    s.add_argument("--eval-delay", type=float, default=0.0, help="seconds per --synthetic evaluation")
+    s.add_argument("--eval-log", default=None, help="append each --synthetic evaluation to this file")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=_search)
+
+    e = sub.add_parser("eval", help="held-out accuracy per gold position of saved factors (or none)")
+    _data_args(e)
+    e.add_argument("--factors", default=None, help="factors JSON from `search` (default: no scaling)")
+    e.add_argument("--seed", type=int, default=2, help="held-out seed (search uses 1)")
+    e.add_argument("--samples", type=int, default=20, help="prompts per gold position")
+    e.add_argument("--offset", type=int, default=0, help="first row of --data")
+    e.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
+    e.set_defaults(func=_eval)
+
+    t = sub.add_parser("sensitivity", help="fitness with one layer at a time scaled")
+    _data_args(t)
+    t.add_argument("--factor", type=float, default=2.0)
+    t.add_argument("--samples", type=int, default=4, help="prompts per gold position")
+    t.add_argument("--seed", type=int, default=3)
+    t.add_argument("--out", default=None, help="JSON (and .png beside it) to write")
+    t.set_defaults(func=_sensitivity)
+
+    add_extrapolate_parser(sub)
+
+    args = ap.parse_args(argv)
+    args.argv = argv
+    if getattr(args, "quick", False):
+        for k, v in QUICK.items():
+            if s.get_default(k) == getattr(args, k):
+                setattr(args, k, v)  # --quick changes only what the command line left at its default
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        ck = getattr(args, "checkpoint", None) or (f"{os.path.splitext(args.out)[0]}.ckpt.json" if args.cmd == "search" else None)
+        msg = f"; the checkpoint {ck} is intact: run the same command again to resume" if ck and os.path.exists(ck) else ""
+        print(f"\ninterrupted{msg}", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -102,6 +102,8 @@ def test_control_point_errors():
         lr.layer_factors([[0.1, 1], [1, 2]], 10)
     with pytest.raises(ValueError, match="finite"):
         lr.layer_factors([1.0, float("nan")], 10)
+    with pytest.raises(ValueError, match="factors must be positive"):
+        lr.linear_factors([[0, 1.0], [1, 0.0]], 10)
 
 
 # -- The patch against transformers -------------------------------------------------------------
