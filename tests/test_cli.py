@@ -1,0 +1,93 @@
+"""The CLI: `search --quick` end to end on the embedded model, `eval --json`, and kill-and-resume of the
+real `search` subprocess (SIGINT and SIGKILL) on the cheap --synthetic fitness."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import layer_rope as lr
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SYN = ["--synthetic", "--population", "6", "--generations", "5", "--seed", "7", "--no-progress"]
+
+
+def cli(*args, **kw):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "layer_rope.py"), *args], capture_output=True,
+                          text=True, cwd=ROOT, **kw)
+
+
+def _evals(ck):
+    try:
+        with open(ck) as f:
+            return len(json.load(f)["evaluations"])
+    except (OSError, ValueError):
+        return -1
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ref")
+    r = cli("search", *SYN, "--out", str(d / "ref.json"))
+    assert r.returncode == 0, r.stderr
+    _, doc = lr.load_factors(str(d / "ref.json"), with_metadata=True)
+    return doc["result"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_killed_search_resumes_to_the_same_result(tmp_path, reference, sig):
+    out, ck, log = tmp_path / "s.json", tmp_path / "s.ckpt.json", tmp_path / "evals.log"
+    args = ["search", *SYN, "--out", str(out), "--eval-delay", "0.3", "--eval-log", str(log)]
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "layer_rope.py"), *args], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while _evals(ck) < 8 and time.time() < deadline:  # mid-generation 2 (population 6)
+        time.sleep(0.01)
+    n = _evals(ck)
+    while _evals(ck) == n and time.time() < deadline:  # kill right after a checkpoint write
+        time.sleep(0.005)
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=60)
+    assert not out.exists(), "the search finished before it was killed"
+    if sig == signal.SIGINT:
+        assert p.returncode == 130 and "resume" in err, err
+    json.load(open(ck))  # intact
+    done_before = _evals(ck)
+    assert 8 <= done_before < len(reference["evaluations"])
+    r = cli(*args)
+    assert r.returncode == 0, r.stderr
+    _, doc = lr.load_factors(str(out), with_metadata=True)
+    assert doc["result"] == reference
+    logged = open(log).read().splitlines()
+    assert len(logged) == len(set(logged)) == len(reference["evaluations"])  # no individual evaluated twice
+
+
+def test_bad_checkpoint_is_refused(tmp_path):
+    ck = tmp_path / "bad.ckpt.json"
+    ck.write_text('{"format": "layer_rope.ga-checkpoint/1", "config": {')
+    r = cli("search", *SYN, "--out", str(tmp_path / "bad.json"))
+    assert r.returncode != 0 and "corrupt or truncated" in r.stderr
+    r = cli("search", *SYN, "--out", str(tmp_path / "x.json"), "--freeze", "1,a")
+    assert r.returncode != 0 and "--freeze" in r.stderr
+
+
+def test_quick_search_and_eval_end_to_end(tmp_path):
+    out = tmp_path / "quick.json"
+    r = cli("search", "--quick", "--out", str(out), "--no-progress", timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    factors, doc = lr.load_factors(str(out), with_metadata=True)
+    assert len(factors) == 30 and len(doc["control_points"]) == 4
+    assert all(factors[l] == 1.0 for l in doc["frozen"])
+    res = doc["heldout"]["results"]
+    assert list(res)[0] == "no scaling" and len(res) == 4
+    assert all(set(v["accuracy"]) == {"0", "4", "9"} for v in res.values())
+    assert (tmp_path / "quick.png").exists()
+    r = cli("eval", "--factors", str(out), "--pairs", "10", "--positions", "3", "--samples", "3", "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    ev = json.loads(r.stdout.strip().splitlines()[-1])
+    ga = [v for k, v in res.items() if k.startswith("GA")][0]
+    assert ev["accuracy"] == ga["accuracy"]  # same held-out prompts (seed 2), same factors
