@@ -61,8 +61,12 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, factor: float 
     if factor != 1.0:
         inv_freq = inv_freq / factor
     freqs = positions[..., None].to(dtype) * inv_freq  # (..., T, dim/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (..., T, dim)
-    return emb.cos() * attention_scaling, emb.sin() * attention_scaling
+    # Same values as cos(cat(freqs, freqs)), as transformers computes it, at half the trigonometry:
+    # cos/sin are elementwise, so the duplicated half gets bit-identical results (tested against HF).
+    cos, sin = freqs.cos(), freqs.sin()
+    if attention_scaling != 1.0:  # x * 1.0 == x exactly; skip the two passes
+        cos, sin = cos * attention_scaling, sin * attention_scaling
+    return torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)  # (..., T, dim)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

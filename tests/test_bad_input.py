@@ -265,9 +265,10 @@ def test_bezier_parameter_out_of_range_is_refused(t):
 
 
 def test_control_values_that_give_non_positive_factors_are_refused_by_apply(model):
-    """A curve may dip to or below 0 (control y <= 0): the curve functions return it, apply refuses it."""
-    factors = lr.layer_factors([[0.0, 1.0], [0.5, -4.0], [1.0, 1.0]], L)
-    assert factors[1] < 0
+    """Control y <= 0 is refused by the curve functions already; a non-positive list by apply."""
+    for curve in (lr.layer_factors, lr.linear_factors, lr.step_factors):
+        with pytest.raises(ValueError, match="control point factors must be positive"):
+            curve([[0.0, 1.0], [0.5, -4.0], [1.0, 1.0]], L)
     with pytest.raises(ValueError, match="factor 1 must be positive"):
-        lr.apply(model, factors)
+        lr.apply(model, [1.0, -0.5] + [1.0] * (L - 2))
     assert_untouched(model)

@@ -26,6 +26,7 @@ unit = st.floats(0.0, 1.0, allow_nan=False, allow_infinity=False)
 control_1d = st.lists(values, min_size=1, max_size=7)
 control_2d = st.lists(st.tuples(values, values), min_size=1, max_size=7)
 layers = st.integers(1, 48)
+factors_1d = st.lists(factor_values, min_size=1, max_size=7)  # layer_factors takes positive factors only
 
 
 def scale(P):
@@ -61,7 +62,7 @@ def test_bezier_stays_in_the_convex_hull(points, ts, directions):
 
 
 @fast
-@given(control_1d, layers)
+@given(factors_1d, layers)
 def test_layer_factors_1d_are_the_curve_at_even_depths(points, L):
     f = lr.layer_factors(points, L)
     assert len(f) == L and all(type(v) is float for v in f)
@@ -74,7 +75,7 @@ def test_layer_factors_1d_are_the_curve_at_even_depths(points, L):
 
 
 @fast
-@given(control_1d.filter(lambda p: len(p) >= 2), layers)
+@given(factors_1d.filter(lambda p: len(p) >= 2), layers)
 def test_layer_factors_2d_with_even_x_equal_1d(ys, L):
     """Linear precision: control x_i = i/n gives x(t) = t, so layer l sits at t = l/(L-1)."""
     xy = np.column_stack([np.linspace(0.0, 1.0, len(ys)), ys])
@@ -99,7 +100,7 @@ def test_layer_factors_2d_monotone_control_values_give_monotone_factors(inner_x,
 
 
 @fast
-@given(control_1d, layers)
+@given(factors_1d, layers)
 def test_linear_and_step_factors_hit_the_control_values(points, L):
     x = np.linspace(0.0, 1.0, len(points))
     lin, step = lr.linear_factors(points, L), lr.step_factors(points, L)
