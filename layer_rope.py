@@ -431,15 +431,22 @@ def num_layers(model) -> int:
     return len(_decoder(model).layers)
 
 
+def _write_json_atomic(path, doc, indent: int | None = None) -> None:
+    """Write-then-rename: a reader (or a SIGKILL) never sees a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=indent)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def save_factors(path, factors, **metadata) -> None:
     """Write factors (one per decoder layer) and any JSON-able metadata to `path`."""
     factors = check_factors(factors)
-    doc = {"format": FACTORS_FORMAT, "num_layers": len(factors), "factors": factors, **metadata}
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    _write_json_atomic(path, {"format": FACTORS_FORMAT, "num_layers": len(factors), "factors": factors, **metadata},
+                       indent=1)
 
 
 def load_factors(path, num_layers: int | None = None, model=None, with_metadata: bool = False):
@@ -1105,16 +1112,6 @@ class GAResult:
         return {"best": list(self.best), "fitness": self.fitness, "factors": self.factors,
                 "control_points": self.control_points, "history": self.history,
                 "evaluations": [[list(i), f] for i, f in self.evaluations]}
-
-
-def _write_json_atomic(path: str, doc) -> None:
-    """Write-then-rename: a reader (or a SIGKILL) never sees a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(doc, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _load_checkpoint(path: str, config: GAConfig, tag) -> dict:
