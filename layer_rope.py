@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import inspect
 import json
 import math
@@ -60,7 +61,10 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, factor: float 
     inv_freq = inv_freq.to(device=positions.device, dtype=dtype)
     if factor != 1.0:
         inv_freq = inv_freq / factor
-    freqs = positions[..., None].to(dtype) * inv_freq  # (..., T, dim/2)
+    return _cos_sin(positions[..., None].to(dtype) * inv_freq, attention_scaling)  # angles (..., T, dim/2)
+
+
+def _cos_sin(freqs: torch.Tensor, attention_scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     # Same values as cos(cat(freqs, freqs)), as transformers computes it, at half the trigonometry:
     # cos/sin are elementwise, so the duplicated half gets bit-identical results (tested against HF).
     cos, sin = freqs.cos(), freqs.sin()
@@ -284,6 +288,16 @@ def _scaled_position_embeddings(rotary, dtype, position_ids, layer_type, factor)
     return cos.to(dtype=dtype), sin.to(dtype=dtype)
 
 
+def _scaled_position_embeddings_all(scaled_inv_freq, attention_scaling, dtype, position_ids) -> tuple:
+    """cos, sin (F, *position_ids.shape, dim) for F factors at once: scaled_inv_freq (F, dim/2) holds
+    inv_freq / s_f, each row divided exactly as rope_cos_sin divides it, so every slice is bit for bit
+    what _scaled_position_embeddings gives for that factor. One set of kernels instead of F."""
+    F, half = scaled_inv_freq.shape
+    pos = position_ids.to(device=scaled_inv_freq.device, dtype=scaled_inv_freq.dtype)
+    cos, sin = _cos_sin(pos[None, ..., None] * scaled_inv_freq.view(F, *[1] * pos.dim(), half), attention_scaling)
+    return cos.to(dtype=dtype), sin.to(dtype=dtype)
+
+
 def _check_rotary(rotary, layer_types) -> None:
     """Refuse a rotary module whose cos/sin the standard formula does not reproduce exactly."""
     sig = inspect.signature(rotary.forward).parameters
@@ -302,6 +316,9 @@ def _check_rotary(rotary, layer_types) -> None:
                 f"{type(rotary).__name__} computes cos/sin differently from the standard RoPE formula "
                 "(positions * inv_freq, duplicated, times attention_scaling); layer_rope cannot scale it exactly"
             )
+
+
+BATCH_MAX_POSITIONS = 256  # at most this many positions in a pass: all factors' cos/sin in one go
 
 
 @dataclasses.dataclass
@@ -325,6 +342,7 @@ class LayerRopeHandle:
     _hooks: list = dataclasses.field(default_factory=list, repr=False)
     _calls: list = dataclasses.field(default_factory=list, repr=False)  # _RotaryCall of this forward pass
     _last_use: dict = dataclasses.field(default_factory=dict, repr=False)  # factor -> last layer using it
+    _inv: dict = dataclasses.field(default_factory=dict, repr=False)  # (rotary, layer_type) -> inv_freq / s_f
 
     def __post_init__(self):
         self.set_factors(self.factors)
@@ -333,6 +351,7 @@ class LayerRopeHandle:
         self.factors = check_factors(factors, len(self.factors))
         self._last_use = {f: i for i, f in enumerate(self.factors)}
         self._calls.clear()
+        self._inv.clear()
 
     def remove(self) -> None:
         for h in self._hooks:
@@ -356,6 +375,19 @@ class LayerRopeHandle:
         x, position_ids, layer_type = _rotary_call(rotary, args, kwargs)
         self._calls.append(_RotaryCall(rotary, output, x.dtype, position_ids, layer_type, {}))
 
+    def _scaled_inv_freqs(self, call) -> tuple[torch.Tensor, list[float]]:
+        """(F, dim/2) rows inv_freq / s_f for the distinct factors != 1.0, cached until the rotary module's
+        inv_freq changes (Dynamic-NTK swaps it beyond the trained context) or the factors do."""
+        inv_freq, _ = _rotary_params(call.rotary, call.layer_type)
+        key = (id(call.rotary), call.layer_type)
+        hit = self._inv.get(key)
+        if hit is None or hit[0] is not inv_freq or hit[1] != inv_freq._version:
+            distinct = sorted({f for f in self.factors if f != 1.0})
+            base = inv_freq.to(dtype=torch.float32)
+            rows = torch.stack([base / f for f in distinct])  # the same scalar division as rope_cos_sin
+            hit = self._inv[key] = (inv_freq, inv_freq._version, rows, distinct)
+        return hit[2], hit[3]
+
     def _on_layer(self, layer_idx, layer, args, kwargs):
         factor = self.factors[layer_idx]
         if factor == 1.0:
@@ -370,7 +402,15 @@ class LayerRopeHandle:
                                "module produced in this forward pass; layer_rope cannot scale them")
         if factor in call.scaled:
             scaled_pe = call.scaled[factor]
-        else:  # computed once per pass per distinct factor
+        elif call.position_ids.numel() <= BATCH_MAX_POSITIONS:
+            # Decoding: a few positions, so per-factor kernel launches and Python are the whole cost:
+            # make every distinct factor's cos/sin in one set of kernels (bit-identical, tested).
+            invs, distinct = self._scaled_inv_freqs(call)
+            cos, sin = _scaled_position_embeddings_all(invs, _rotary_params(call.rotary, call.layer_type)[1],
+                                                       call.dtype, call.position_ids)
+            call.scaled.update({f: (cos[j], sin[j]) for j, f in enumerate(distinct)})
+            scaled_pe = call.scaled[factor]
+        else:  # prefill: computed once per pass per distinct factor, when first needed
             scaled_pe = call.scaled[factor] = _scaled_position_embeddings(
                 call.rotary, call.dtype, call.position_ids, call.layer_type, factor)
         if self._last_use[factor] == layer_idx:
@@ -1470,6 +1510,23 @@ def _peak_rss_mb() -> float:
     return r / 1024 / 1024 if sys.platform == "darwin" else r / 1024  # bytes on macOS, KiB on Linux
 
 
+def _fingerprint(factors: Sequence[float]) -> str:
+    return hashlib.sha256(json.dumps([float(f) for f in factors]).encode()).hexdigest()[:16]
+
+
+def _check_resumed(rec: dict, ex, fsha: str | None, log_path: str) -> None:
+    """A record reused on --resume must describe the forward this run would make: same needle (seed and
+    depth, which follows from the sample count) and, for a +layer forward, the same layer factors."""
+    for what, old, new in (("passkey", rec["key"], ex.key), ("needle depth", rec["depth"], ex.depth),
+                           ("layer factors", rec.get("factors_sha") if fsha else None, fsha)):
+        if old != new:
+            raise ValueError(
+                f"{log_path}: the record for length {rec['length']}, example {rec['example']} "
+                f"({'/'.join(rec['methods'])}) has a different {what} ({old} != {new}) from this run's "
+                "settings (--seed, --samples, --factors); resume with the settings that wrote it, or "
+                "choose a new --out")
+
+
 def extrapolation_table(lengths: Sequence[int], samples: dict, layer_factors_: Sequence[float],
                         haystack: str = "classic", ppl_haystack: str | None = None, seed: int = 0,
                         ntk_factor: float = 2.0, ppl_positions: int = 2048, methods=EXTRAPOLATION_METHODS,
@@ -1500,6 +1557,7 @@ def extrapolation_table(lengths: Sequence[int], samples: dict, layer_factors_: S
     T, theta = cfg.max_position_embeddings, float(cfg.rope_parameters["rope_theta"])
     factors = check_factors(layer_factors_, num_layers(model))
     k = next((j for j, f in enumerate(factors) if f != 1.0), len(factors))  # first scaled layer
+    fsha = _fingerprint(factors)
     haystacks = [haystack] + ([ppl_haystack] if ppl_haystack and ppl_haystack != haystack else [])
     records, loaded_key = [], "null"  # the model loaded above is the unscaled one
     for i in range(max(samples[L] for L in lengths)):
@@ -1519,10 +1577,12 @@ def extrapolation_table(lengths: Sequence[int], samples: dict, layer_factors_: S
                 ex = make_passkey_example(tok, L, depths[i], seed, i, hs)
                 prefix = {}  # base rope parameters -> hidden states entering layer k for this example
                 for mkey, names in groups.items():
-                    if (L, i, hs, mkey) in done:
-                        records.append(done[(L, i, hs, mkey)])
-                        continue
                     rp, layer = json.loads(mkey)
+                    if (L, i, hs, mkey) in done:
+                        old = done[(L, i, hs, mkey)]
+                        _check_resumed(old, ex, fsha if layer else None, log_path)
+                        records.append(old)
+                        continue
                     rkey = json.dumps(rp)
                     if rkey != loaded_key:
                         del model
@@ -1539,7 +1599,8 @@ def extrapolation_table(lengths: Sequence[int], samples: dict, layer_factors_: S
                             if "hidden_in" in r:
                                 prefix[rkey] = r.pop("hidden_in")
                     rec = {"length": L, "example": i, "depth": ex.depth, "key": ex.key, "haystack": hs,
-                           "offset": ex.offset, "method_key": mkey, "methods": names, **r,
+                           "offset": ex.offset, "method_key": mkey, "methods": names,
+                           **({"factors_sha": fsha} if layer else {}), **r,
                            "peak_rss_mb": _peak_rss_mb(), "loadavg": os.getloadavg()[0]}
                     records.append(rec)
                     if log_path:
@@ -1688,7 +1749,6 @@ def _reproducing_argv(argv) -> list[str]:
 
 def cmd_extrapolate(args) -> None:
     """`python layer_rope.py extrapolate ...`: measure, then write OUT.json, OUT.md and OUT.png."""
-    import hashlib
     import platform
     import sys
 
@@ -1707,12 +1767,17 @@ def cmd_extrapolate(args) -> None:
     probe, _ = load_model(args.model, dtype=dtype, device=args.device)
     nl, T = num_layers(probe), probe.config.max_position_embeddings
     del probe
-    if args.factors and os.path.exists(args.factors):
-        factors, doc = load_factors(args.factors, nl, with_metadata=True)
-        source = f"{args.factors} (" + ", ".join(f"{k}={doc[k]}" for k in ("task", "curve", "fitness") if k in doc) + ")"
+    path = args.factors
+    if path is None:  # the recorded search result of the embedded model, wherever the command runs from
+        searched = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "smollm2-135m-kv.json")
+        path = searched if args.model is None and os.path.exists(searched) else "profile"
+    if path != "profile":
+        if not os.path.exists(path):
+            raise SystemExit(f"--factors {path}: no such file (give a save_factors JSON, or 'profile')")
+        factors, doc = load_factors(path, nl, with_metadata=True)
+        source = f"{os.path.relpath(path)} (" + ", ".join(
+            f"{k}={doc[k]}" for k in ("task", "curve", "fitness") if k in doc) + ")"
     else:
-        if args.factors:
-            print(f"{args.factors} not found; using the default profile")
         factors = default_extrapolation_factors(nl, top=args.profile_top)
         source = (f"default_extrapolation_factors(top={args.profile_top}): 1.0 through depth 16/29 (layer 16), "
                   f"then linear to {args.profile_top} at the last layer")
@@ -1744,10 +1809,9 @@ def cmd_extrapolate(args) -> None:
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
         "timing": _timing(records),
         "timing_notes": (
-            "Times are wall seconds of one forward (model body + lm_head on the selected positions) under "
-            "`nice -n 15` on a shared 2-core machine (load average in the table): they measure contention as "
-            "much as the model. For scale, uncontended 2-thread float32 forwards of SmolLM2-135M take ~3.7 s "
-            "at 2k, 29 s at 8k and 90 s at 16k tokens. 'layers run' < all: a +layer forward that reused the "
+            "Times are wall seconds of one forward (model body + lm_head on the selected positions); the "
+            "1-min load average beside them says whether other work shared the cores (about the torch thread "
+            "count = this run alone). 'layers run' < all: a +layer forward that reused the "
             "hidden states entering the first scaled layer from its base method's forward (exact). Peak RSS "
             "is the process's ru_maxrss after the forward (monotone within one run). A materialised fp32 "
             "attention matrix at 16k would take 16384^2 x 4 B = 1.07 GB per head, 9.7 GB for SmolLM2's 9 "
@@ -1760,8 +1824,7 @@ def cmd_extrapolate(args) -> None:
                   "examples; 'ppl last 25%' restricts to targets in the last quarter of the positions."
                   + (f" {args.note}" if args.note else "")),
     }
-    with open(args.out + ".json", "w") as f:
-        json.dump({"meta": meta, "rows": rows, "records": records}, f, indent=1)
+    _write_json_atomic(args.out + ".json", {"meta": meta, "rows": rows, "records": records}, indent=1)
     with open(args.out + ".md", "w") as f:
         f.write(extrapolation_markdown(rows, meta))
     plot_extrapolation(rows, args.out + ".png")
@@ -1777,8 +1840,10 @@ def add_extrapolate_parser(subparsers) -> None:
     p.add_argument("--haystack", choices=HAYSTACKS, default="classic", help="passkey haystack")
     p.add_argument("--ppl-haystack", choices=HAYSTACKS, default=None,
                    help="also run every example with this haystack (e.g. pydoc, for prose perplexity)")
-    p.add_argument("--factors", default="results/smollm2-135m-kv.json",
-                   help="layer factors file (save_factors format); default profile if missing")
+    p.add_argument("--factors", default=None,
+                   help="layer factors file (save_factors format), or 'profile' for the hand-made profile "
+                        "(default_extrapolation_factors); default: results/smollm2-135m-kv.json for the "
+                        "embedded model, the profile for any other")
     p.add_argument("--profile-top", type=float, default=1.5, help="top factor of the default profile")
     p.add_argument("--ntk-factor", type=float, default=2.0, help="Dynamic-NTK factor")
     p.add_argument("--ppl-positions", type=int, default=2048, help="strided haystack targets scored per example")

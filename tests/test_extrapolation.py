@@ -253,6 +253,17 @@ def test_extrapolation_table_shares_coinciding_methods_and_resumes(tmp_path):
                                    ex.default_extrapolation_factors(4), log_path=str(log), load=load,
                                    ppl_positions=64, log=lambda *a: None)
     assert len(loads) == n_loads + 1 and again == recs  # resumed from the log: no forward re-run
+    # a log written with other settings is refused, not mixed into the table
+    other = [1.0, 1.0, 1.25, 2.0]
+    with pytest.raises(ValueError, match="different layer factors"):
+        ex.extrapolation_table([MAXPOS * 9], {MAXPOS * 9: 2}, other, log_path=str(log), load=load,
+                               ppl_positions=64, log=lambda *a: None)
+    with pytest.raises(ValueError, match="different needle depth"):  # 3 samples: depths 0.1, 0.5, 0.9
+        ex.extrapolation_table([MAXPOS * 9], {MAXPOS * 9: 3}, ex.default_extrapolation_factors(4),
+                               log_path=str(log), load=load, ppl_positions=64, log=lambda *a: None)
+    with pytest.raises(ValueError, match="different passkey"):
+        ex.extrapolation_table([MAXPOS * 9], {MAXPOS * 9: 2}, ex.default_extrapolation_factors(4), seed=7,
+                               log_path=str(log), load=load, ppl_positions=64, log=lambda *a: None)
 
 
 def test_extrapolation_table_inside_context_runs_two_forwards():
