@@ -9,7 +9,9 @@ Variants, interleaved in a fresh random order every repeat so drift and other lo
   patched-30   30 distinct factors (1.02 .. 1.60), one per layer: 30 cos/sin pairs per pass
   patched-3    3 distinct factors, 10 layers each
 Prefill is one forward over L tokens with logits for the last position only (what generate does).
-Decode is 128 greedy steps with a KV cache after a 512-token prompt, time per token.
+Decode is 128 greedy steps with a KV cache after a 512-token prompt, time per token; it also runs
+"patched-30 one-at-a-time" (the decoding fast path off) and reports the time spent inside the patch's
+layer pre-hooks per token, an absolute figure that this machine's run-to-run noise does not blur.
 Ratios are per repeat (variant / unpatched of the same repeat), reported as median [min, max].
 Peak RSS: each variant's 8k (largest length) forward in its own subprocess, ru_maxrss.
 """
@@ -33,6 +35,10 @@ VARIANTS = {
     "patched-30": [round(1.02 + 0.02 * i, 2) for i in range(30)],
     "patched-3": [1.2] * 10 + [1.5] * 10 + [1.8] * 10,
 }
+# Decode only: patched-30 with the decoding fast path turned off (cos/sin one factor at a time, as
+# prefill does), i.e. the code before the fast path, to show what it buys in the same run.
+DECODE_ONLY = {"patched-30 one-at-a-time": VARIANTS["patched-30"]}
+HOOK = {"spent": 0.0, "decode": None}  # seconds inside the decoder-layer pre-hooks (running; decode steps only)
 
 
 def prefill_seconds(model, ids):
@@ -46,19 +52,37 @@ def decode_seconds_per_token(model, ids, new_tokens):
     with torch.inference_mode():
         out = model(ids, logits_to_keep=1, use_cache=True)
         past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        HOOK["spent"] = 0.0
         t = time.perf_counter()
         for _ in range(new_tokens):
             out = model(nxt, past_key_values=past, use_cache=True)
             past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        HOOK["decode"] = HOOK["spent"] / new_tokens
     return (time.perf_counter() - t) / new_tokens
 
 
 def run_variant(model, name, fn):
-    factors = VARIANTS[name]
+    factors = {**VARIANTS, **DECODE_ONLY}[name]
     if factors is None:
         return fn()
-    with lr.scaled(model, factors):
+    batch = lr.BATCH_MAX_POSITIONS
+    lr.BATCH_MAX_POSITIONS = 0 if name in DECODE_ONLY else batch
+    handle = lr.apply(model, factors)
+    inner = handle._on_layer
+
+    def timed(*a, **k):  # the layer pre-hooks look handle._on_layer up at call time
+        t = time.perf_counter()
+        try:
+            return inner(*a, **k)
+        finally:
+            HOOK["spent"] += time.perf_counter() - t
+
+    handle._on_layer = timed
+    try:
         return fn()
+    finally:
+        handle.remove()
+        lr.BATCH_MAX_POSITIONS = batch
 
 
 def summarize(times, base):
@@ -96,18 +120,28 @@ def main():
     prompt = torch.randint(100, 20000, (1, 512), generator=torch.Generator().manual_seed(1))
     jobs.append((f"decode /token ({args.decode_tokens} new, 512 prompt)", prompt,
                  lambda m, x: decode_seconds_per_token(m, x, args.decode_tokens), args.repeats))
+    hooks = {}  # decode: variant -> ms per token inside the layer pre-hooks, one value per repeat
     for what, ids, fn, repeats in jobs:
+        decode = what.startswith("decode")
+        variants = list(VARIANTS) + (list(DECODE_ONLY) if decode else [])
         run_variant(model, "patched-30", lambda: fn(model, ids))  # warm-up, not timed
-        times = {v: [] for v in VARIANTS}
+        times = {v: [] for v in variants}
         for _ in range(repeats):
-            order = list(VARIANTS)
+            order = list(variants)
             rng.shuffle(order)
             for v in order:
+                HOOK["decode"] = None
                 times[v].append(run_variant(model, v, lambda: fn(model, ids)))
-        for v in VARIANTS:
+                if decode and VARIANTS.get(v, True) is not None:
+                    hooks.setdefault(v, []).append(HOOK["decode"] * 1e3)
+        for v in variants:
             med, r, lo, hi = summarize(times[v], times["unpatched"])
             unit = f"{med * 1e3:.1f} ms"
             print(f"| {what} | {v} | {unit} | {r:.3f} [{lo:.3f}, {hi:.3f}] | {repeats} |", flush=True)
+    if hooks:
+        print("\n| decode: time inside the layer pre-hooks | ms per token: median [min, max] |\n|---|---|")
+        for v, ms in hooks.items():
+            print(f"| {v} | {statistics.median(ms):.3f} [{min(ms):.3f}, {max(ms):.3f}] |")
 
     if not args.no_rss:
         L = max(args.lengths)
