@@ -2021,7 +2021,15 @@ def _search(args) -> dict:
         print(json.dumps({"best": list(res.best), "fitness": res.fitness, "evaluations": len(res.evaluations)}))
         return record
 
+    timings, t_phase = {}, [time.time()]
+
+    def phase(name):  # wall seconds of each step, recorded with the result
+        now = time.time()
+        timings[name] = round(now - t_phase[0], 1)
+        t_phase[0] = now
+
     model, tok = _cached_model(args.model)
+    phase("model load")
     L = num_layers(model)
     kw = dict(chat=args.chat, batch_size=args.batch_size)
     search = kv_sets(args.pairs, args.positions, args.search_samples, args.search_seed, args.data, 0)
@@ -2032,6 +2040,7 @@ def _search(args) -> dict:
     base = kv_fitness(model, tok, search, None, **kw)
     print(f"[search] baseline on the search set: {base.mean_accuracy:.3f} {base.accuracy}", flush=True)
     record["search_baseline"] = base.to_json()
+    phase("baseline (search set)")
 
     if freeze == "auto":
         scan_set = [ex for p in sorted({e.gold_index for e in search})
@@ -2041,6 +2050,7 @@ def _search(args) -> dict:
         record["sensitivity"] = {"prompts": len(scan_set), "frozen": freeze, **sens.to_json()}
         print(sens.table(), flush=True)
         print(f"[search] freezing layers {freeze} (scan x{args.scan_factor}, drop > {args.max_drop:.0%})", flush=True)
+        phase("sensitivity scan")
     elif freeze == "none":
         freeze = []
     cfg = _ga_config(args, L, freeze)
@@ -2055,16 +2065,19 @@ def _search(args) -> dict:
 
         pool = ProcessPoolExecutor(args.workers)
         mapper = pool.map
+    resumed = os.path.exists(ckpt)
     try:
         res = genetic_search(objective, cfg, map=mapper, checkpoint=ckpt, tag=tag, progress=not args.no_progress)
     finally:
         if pool is not None:
             pool.shutdown()
     print(f"[search] GA best {res.fitness:.4f} at {res.control_points} ({len(res.evaluations)} evaluations)", flush=True)
+    phase("GA" + (" (resumed from a checkpoint)" if resumed else ""))
 
     uniform = [float(v) for v in args.uniform.split(",")]
     ufit = {u: kv_fitness(model, tok, search, [u] * L, **kw).fitness for u in uniform}
     best_u = max(uniform, key=lambda u: (ufit[u], -u))
+    phase("uniform factors (search set)")
     ramp = linear_factors([1.0, args.factor_max], L)
     settings = {"no scaling": [1.0] * L, f"uniform x{best_u:g}": [best_u] * L,
                 f"linear ramp 1..{args.factor_max:g}": ramp, "GA Bezier" + (f" (frozen {freeze})" if freeze else ""): res.factors}
@@ -2073,7 +2086,9 @@ def _search(args) -> dict:
         r = kv_fitness(model, tok, held, f, **kw).to_json()
         heldout[name] = r
         print(f"[search] held-out {name}: {r['mean_accuracy']:.3f}", flush=True)
-    record.update(num_layers=L, frozen=freeze, ga=cfg.to_json(), result=res.to_json(),
+    phase("held-out evaluation")
+    print("[search] wall seconds: " + ", ".join(f"{k} {v}" for k, v in timings.items()), flush=True)
+    record.update(timings_s=timings, num_layers=L, frozen=freeze, ga=cfg.to_json(), result=res.to_json(),
                   uniform_search_fitness={str(u): f for u, f in ufit.items()}, best_uniform=best_u,
                   heldout={"seed": args.heldout_seed, "per_position": args.heldout_samples, "results": heldout},
                   heldout_factors=settings, wall_s=round(time.time() - t0, 1))

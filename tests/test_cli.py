@@ -86,6 +86,9 @@ def test_quick_search_and_eval_end_to_end(tmp_path):
     assert list(res)[0] == "no scaling" and len(res) == 4
     assert all(set(v["accuracy"]) == {"0", "4", "9"} for v in res.values())
     assert (tmp_path / "quick.png").exists()
+    assert list(doc["timings_s"]) == ["model load", "baseline (search set)", "sensitivity scan", "GA",
+                                      "uniform factors (search set)", "held-out evaluation"]
+    assert sum(doc["timings_s"].values()) <= doc["wall_s"] + 0.5
     r = cli("eval", "--factors", str(out), "--pairs", "10", "--positions", "3", "--samples", "3", "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     ev = json.loads(r.stdout.strip().splitlines()[-1])

@@ -213,7 +213,7 @@ def test_distinct_factors_computed_once(ids, monkeypatch, batched):
 
 def _decode_logits(model, ids, steps=5):
     """Prefill then greedy cached decoding; the logits of every pass."""
-    out, seen = [], ids
+    out = []
     with torch.no_grad():
         o = model(ids, use_cache=True)
         out.append(o.logits)
