@@ -1699,7 +1699,7 @@ def plot_extrapolation(rows: Sequence[dict], path: str, title: str = "SmolLM2-13
         a[0].set_ylabel("passkey answer log-prob (nats, 0 = certain)")
         a[1].set_ylabel("haystack perplexity (log scale)")
         a[1].set_yscale("log")
-        a[0].set_title(f"passkey, {hs} haystack (filled: retrieved, hollow: missed)")
+        a[0].set_title(f"passkey, {hs} haystack (filled: every example retrieved it)")
         a[1].set_title(f"perplexity of the {hs} haystack")
         a[1].legend(fontsize=8)
     fig.suptitle(title)
@@ -1775,8 +1775,9 @@ def cmd_extrapolate(args) -> None:
         if not os.path.exists(path):
             raise SystemExit(f"--factors {path}: no such file (give a save_factors JSON, or 'profile')")
         factors, doc = load_factors(path, nl, with_metadata=True)
-        source = f"{os.path.relpath(path)} (" + ", ".join(
-            f"{k}={doc[k]}" for k in ("task", "curve", "fitness") if k in doc) + ")"
+        said = {"command": doc.get("command"), "frozen layers": doc.get("frozen"),
+                "control points": doc.get("control_points")}
+        source = f"{os.path.relpath(path)} (" + "; ".join(f"{k}: {v}" for k, v in said.items() if v is not None) + ")"
     else:
         factors = default_extrapolation_factors(nl, top=args.profile_top)
         source = (f"default_extrapolation_factors(top={args.profile_top}): 1.0 through depth 16/29 (layer 16), "
