@@ -3,7 +3,7 @@ Search quality at equal budget: layer_rope's GA against random search, pygad and
 
     python benchmarks/bench_optimisers.py                    # synthetic objective, 10 seeds, 50/100/200 evals
     python benchmarks/bench_optimisers.py --real --budgets 12 24 --seeds 2 --positions 3 --per-position 3
-                                                             # the real KV fitness, small budget (~15 min CPU)
+                                                             # the real KV fitness, small budget (~23 min CPU)
 
 All optimisers search the same space: the GA's individuals (GAConfig defaults for a 30-layer model:
 4 control points, inner layer positions 0..29, factors 1.0..2.0 in steps of 0.05), as integer genes
