@@ -42,8 +42,11 @@ def reference(tmp_path_factory):
 def test_killed_search_resumes_to_the_same_result(tmp_path, reference, sig):
     out, ck, log = tmp_path / "s.json", tmp_path / "s.ckpt.json", tmp_path / "evals.log"
     args = ["search", *SYN, "--out", str(out), "--eval-delay", "0.3", "--eval-log", str(log)]
+    # Ctrl-C as a user at a terminal sends it: default SIGINT disposition in the child, even when this test
+    # runs in a background job (shells start those with SIGINT ignored, and Python keeps it ignored).
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, "layer_rope.py"), *args], cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while _evals(ck) < 8 and time.time() < deadline:  # mid-generation 2 (population 6)
         time.sleep(0.01)
