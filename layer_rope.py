@@ -1669,18 +1669,23 @@ def extrapolation_markdown(rows: Sequence[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
+def _figure(nrows: int = 1, ncols: int = 1, **kw):
+    """(figure, axes) drawn off-screen with matplotlib's object API, for plots written to files. pyplot's
+    backend is left alone: switching it to Agg here would stop a notebook's own inline plots showing."""
+    from matplotlib.figure import Figure
+
+    squeeze = kw.pop("squeeze", True)
+    fig = Figure(**kw)
+    return fig, fig.subplots(nrows, ncols, squeeze=squeeze)
+
+
 def plot_extrapolation(rows: Sequence[dict], path: str, title: str = "SmolLM2-135M beyond its 8k context",
                        trained: int = 8192) -> None:
     """Left: passkey answer log-probability (filled marker: passkey retrieved by every example of that point,
     hollow: not); right: haystack perplexity (log scale). Methods are nudged apart on x so that coinciding
     methods (all of them inside the trained context) stay visible."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     hss = sorted({r["haystack"] for r in rows})
-    fig, axes = plt.subplots(len(hss), 2, figsize=(12, 4.2 * len(hss)), squeeze=False)
+    fig, axes = _figure(len(hss), 2, figsize=(12, 4.2 * len(hss)), squeeze=False)
     for a, hs in zip(axes, hss):
         for j, m in enumerate(EXTRAPOLATION_METHODS):
             rs = sorted((r for r in rows if r["haystack"] == hs and r["method"] == m), key=lambda r: r["length"])
@@ -1705,7 +1710,6 @@ def plot_extrapolation(rows: Sequence[dict], path: str, title: str = "SmolLM2-13
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _timing(records) -> list[dict]:
@@ -1956,12 +1960,7 @@ def accuracy_table(results: dict, n_per_position: int | None = None) -> str:
 
 
 def _plot(path: str, results: dict, factor_sets: dict, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, b) = _figure(1, 2, figsize=(11, 4))
     for name, r in results.items():
         pos = sorted(r["accuracy"], key=int)
         a.plot([int(p) for p in pos], [r["accuracy"][p] for p in pos], marker="o", label=name)
@@ -1974,7 +1973,6 @@ def _plot(path: str, results: dict, factor_sets: dict, title: str) -> None:
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _parse_freeze(s: str):
@@ -2131,12 +2129,7 @@ def _sensitivity(args) -> dict:
            "seed": args.seed, "sensitive(max_drop=0.5)": sens.sensitive(0.5), **sens.to_json()}
     if args.out:
         _write_json_atomic(args.out, doc)
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 3.5))
+        fig, ax = _figure(figsize=(7, 3.5))
         ls = sorted(sens.layers)
         ax.bar(ls, [sens.layers[l].mean_accuracy for l in ls], label=f"layer alone x{args.factor:g}")
         ax.axhline(sens.baseline.mean_accuracy, color="k", ls="--", label="no scaling")
@@ -2144,7 +2137,6 @@ def _sensitivity(args) -> dict:
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(f"{os.path.splitext(args.out)[0]}.png", dpi=120)
-        plt.close(fig)
         print(f"wrote {args.out}")
     return doc
 

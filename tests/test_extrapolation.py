@@ -307,3 +307,20 @@ def test_cli_parser_and_recorded_command():
     assert a.haystack == "classic" and a.ntk_factor == 2.0 and a.dtype == "float32"
     assert ex._reproducing_argv(["extrapolate", "--resume", "--note", "a b", "--seed", "1", "--report-only"]) == \
         ["extrapolate", "--seed", "1"]
+
+
+def test_plots_leave_pyplots_backend_alone(tmp_path):
+    """Writing a plot file must not switch pyplot's backend: in a notebook that would silence every later
+    inline plot (the old matplotlib.use("Agg") did exactly that)."""
+    import matplotlib
+
+    before = matplotlib.get_backend()
+    matplotlib.use("pdf")
+    try:
+        rows = [{"haystack": "classic", "length": L, "method": m, "answer_logprob": -1.0, "passkey_acc": 1.0,
+                 "ppl": 1.1} for L in (4096, 8192) for m in ex.EXTRAPOLATION_METHODS]
+        ex.plot_extrapolation(rows, str(tmp_path / "x.png"))
+        assert matplotlib.get_backend() == "pdf"
+        assert (tmp_path / "x.png").stat().st_size > 1000
+    finally:
+        matplotlib.use(before)
