@@ -1395,11 +1395,16 @@ def make_passkey_example(tok, n_tokens: int, depth: float = 0.5, seed: int = 0, 
                           ((s1, s1 + a), (s2, s2 + H - a)), haystack, offset)
 
 
+def passkey_depths(n: int) -> list[float]:
+    """Needle depths of n examples: n evenly spaced values in [0.1, 0.9] (0.5 for n = 1)."""
+    return [0.5] if n == 1 else np.linspace(0.1, 0.9, n).tolist()
+
+
 def make_passkey_examples(tok, n_tokens: int, n: int, seed: int = 0, haystack: str = "classic",
                           depths: Sequence[float] | None = None) -> list[PasskeyExample]:
-    """n examples; depths default to n evenly spaced values in [0.1, 0.9] (0.5 for n = 1)."""
+    """n examples; depths default to passkey_depths(n)."""
     if depths is None:
-        depths = [0.5] if n == 1 else np.linspace(0.1, 0.9, n).tolist()
+        depths = passkey_depths(n)
     if len(depths) != n:
         raise ValueError(f"{len(depths)} depths for {n} examples")
     return [make_passkey_example(tok, n_tokens, d, seed, i, haystack) for i, d in enumerate(depths)]
@@ -1535,7 +1540,7 @@ def extrapolation_table(lengths: Sequence[int], samples: dict, layer_factors_: S
     """Run every (round, length, distinct method) forward and return one record per forward.
 
     samples: {length: n examples}. Rounds go example 0 at every length, then example 1, ... so a
-    partial run still covers every length. Example i at length L has depth linspace(0.1, 0.9, n_L)[i].
+    partial run still covers every length. Example i at length L has depth passkey_depths(n_L)[i].
     log_path: JSON lines, one record per forward, appended as they finish; records already there (same
     length, example, method key) are reused, so a killed run resumes. load(rope_parameters) -> (model,
     tok) overrides the loader (tests). share_prefix: when factors[:k] are all 1.0, a +layer forward reuses
@@ -1564,7 +1569,7 @@ def extrapolation_table(lengths: Sequence[int], samples: dict, layer_factors_: S
         for L in lengths:  # in the order given: put the lengths that matter most first
             if i >= samples[L]:
                 continue
-            depths = [0.5] if samples[L] == 1 else np.linspace(0.1, 0.9, samples[L]).tolist()
+            depths = passkey_depths(samples[L])
             groups: dict = {}
             for m in methods:
                 rp, layer = method_rope(m, L, T, theta, ntk_factor)
@@ -1714,9 +1719,9 @@ def plot_extrapolation(rows: Sequence[dict], path: str, title: str = "SmolLM2-13
 
 def _timing(records) -> list[dict]:
     out = []
+    most = max(r.get("layers_run", 0) for r in records)  # a full forward
     for L in sorted({r["length"] for r in records}):
         rs = [r for r in records if r["length"] == L]
-        most = max(x.get("layers_run", 0) for x in records)
         full = [r["seconds"] for r in rs if r.get("layers_run", most) == most]  # older records: full forwards
         out.append({"length": L, "forwards": len(rs), "full_forwards": len(full),
                     "median_seconds": float(np.median(full)) if full else float("nan"),
