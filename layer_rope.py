@@ -482,6 +482,52 @@ def _write_json_atomic(path, doc, indent: int | None = None) -> None:
     os.replace(tmp, path)
 
 
+# -- shared output helpers (one each): JSON, markdown table, figure, run record -----------------
+
+def write_json(path, doc, indent: int | None = None) -> None:
+    """Write-then-rename (fsynced): a reader, or a SIGKILL, never sees a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=indent)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A GitHub markdown table; cells are written with str()."""
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
+
+
+def figure(nrows: int = 1, ncols: int = 1, **kw):
+    """(figure, axes) drawn off-screen with matplotlib's object API, for plots written to files. pyplot's
+    backend is left alone: switching it to Agg here would stop a notebook's own inline plots showing."""
+    from matplotlib.figure import Figure
+
+    squeeze = kw.pop("squeeze", True)
+    fig = Figure(**kw)
+    return fig, fig.subplots(nrows, ncols, squeeze=squeeze)
+
+
+def run_info(device="cpu", dtype=torch.float32, argv: Sequence[str] | None = None) -> dict:
+    """What a recorded result needs to be reproduced: the command, device, dtype, threads, versions."""
+    import platform
+    import sys
+
+    import transformers
+
+    device = str(device)
+    name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else platform.machine()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return {"command": " ".join(["python", os.path.basename(sys.argv[0] or "layer_rope.py"), *argv]),
+            "device": f"{device} ({name})", "dtype": str(dtype).removeprefix("torch."),
+            "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "numpy": np.__version__}
+
+
 def save_factors(path, factors, **metadata) -> None:
     """Write factors (one per decoder layer) and any JSON-able metadata to `path`."""
     factors = check_factors(factors)
