@@ -1,16 +1,18 @@
 """
-Fitness throughput: teacher-forced KV scoring against greedy `generate`, on the same examples, side by side.
+Fitness throughput: the KV scorer in float32 and bfloat16, and the same GA search run the old way (float32,
+every candidate scored on every prompt) and the new way (bfloat16, racing), side by side in one run.
 
-    python benchmarks/bench_fitness.py                  # 40 examples (20 word-key pairs, 5 gold positions), 3 repeats
-    python benchmarks/bench_fitness.py --examples 10 --repeats 1    # a quick look
+    python benchmarks/bench_fitness.py                          # scorer x3 repeats, then the two searches
+    python benchmarks/bench_fitness.py --repeats 1 --generations 2    # a quick look
+    python benchmarks/bench_fitness.py --greedy                 # also greedy generate (the old comparison)
 
-Variants (interleaved in a fresh random order every repeat):
-  tf-batched     score_kv, batch 8: one forward per example, logits only at the gold-answer positions
-  tf-unbatched   score_kv, batch 1
-  tf-full-head   the same forward but the lm_head over every position (what a plain model(ids) costs)
-  greedy         greedy_answers (model.generate, KV cache, batch 8, 8 new tokens) + the substring metric
-Reports examples/s (median over repeats) and the ratio to greedy, the agreement of the teacher-forced
-exact match with greedy+substring, and where the time of one teacher-forced forward goes.
+1. Scorer: prompts/s of score_kv on the search set (20 word-key pairs, 5 gold positions), per dtype and
+   batch size, interleaved in a fresh random order every repeat; the correct count of each, which must
+   agree with float32 for bfloat16 to be a fair stand-in.
+2. Search: genetic_search with the CLI's default GA (population 8, 4 generations, layer 16 frozen, seed 0)
+   on the same prompts, once as `search --dtype float32 --no-race` evaluates and once as the default does
+   (bfloat16 + racing). Reports wall time, prompts scored, candidates per hour and their ratio, and replays
+   the new search's finalists in float32 with full scoring: does its float32 pick equal the old search's?
 """
 
 import argparse
@@ -26,79 +28,84 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import layer_rope as lr  # noqa: E402
 
 
-@torch.inference_mode()
-def tf_full_head(model, tok, examples):
-    """Teacher forcing as a naive implementation does it: full logits for every position."""
-    for ex in examples:
-        p = lr._encode(tok, lr._prompt_text(tok, ex, False))
-        g = lr._encode(tok, lr.ANSWER_PREFIX + ex.value)
-        model(torch.tensor([p + g[:-1]]), use_cache=False).logits.argmax(-1)
+def time_scorer(model, tok, examples, batch_size):
+    t = time.perf_counter()
+    scores = lr.score_kv(model, tok, examples, batch_size=batch_size)
+    return time.perf_counter() - t, sum(s.correct for s in scores)
+
+
+def run_search(dtype, race, examples, args):
+    objective = lr.KVObjective(examples, None, "cpu", dtype, batch_size=args.batch_size)
+    config = lr.GAConfig(num_layers=30, freeze=(16,), population=args.population, generations=args.generations,
+                         seed=args.seed)
+    t = time.perf_counter()
+    res = lr.genetic_search(objective, config, progress=False, race=race)
+    return res, time.perf_counter() - t, config
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--examples", type=int, default=40)
+    ap.add_argument("--samples", type=int, default=4, help="search prompts per gold position (CLI default 4)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--population", type=int, default=8)
+    ap.add_argument("--generations", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--finalists", type=int, default=4)
+    ap.add_argument("--greedy", action="store_true", help="also time greedy generate + the substring metric")
     args = ap.parse_args()
-    model, tok = lr.load_model()
-    pos = lr.gold_positions(20, 5)
-    per = max(1, args.examples // len(pos))
-    examples = [ex for p in pos for ex in lr.make_kv_examples(per, num_pairs=20, gold_index=p, seed=7)]
-    n = len(examples)
-    ntok = statistics.mean(len(lr._encode(tok, lr._prompt_text(tok, ex, False))) for ex in examples)
 
-    variants = {
-        "tf-batched": lambda: lr.score_kv(model, tok, examples, batch_size=8),
-        "tf-unbatched": lambda: lr.score_kv(model, tok, examples, batch_size=1),
-        "tf-full-head": lambda: tf_full_head(model, tok, examples),
-        "greedy": lambda: lr.greedy_answers(model, tok, examples, max_new_tokens=8, batch_size=8),
-    }
-    times = {v: [] for v in variants}
-    results = {}
-    rng = random.Random(0)
+    examples = lr.kv_sets(20, 5, args.samples, seed=1)
+    print(lr.run_info("cpu", "float32 and bfloat16"))
+    models = {d: lr.cached_model(None, "cpu", d) for d in ("float32", "bfloat16")}
+    variants = [(d, b) for d in models for b in (args.batch_size, 2 * args.batch_size)]
+    times, correct = {v: [] for v in variants}, {}
+    for v in variants:  # warm-up
+        time_scorer(*models[v[0]], examples[:2], v[1])
     for _ in range(args.repeats):
-        order = list(variants)
-        rng.shuffle(order)
-        for v in order:
-            t = time.perf_counter()
-            results[v] = variants[v]()
-            times[v].append(time.perf_counter() - t)
+        random.shuffle(variants)
+        for v in variants:
+            seconds, correct[v] = time_scorer(*models[v[0]], examples, v[1])
+            times[v].append(seconds)
+    base = statistics.median(times[("float32", args.batch_size)])
+    rows = [[d, b, f"{len(examples) / statistics.median(times[(d, b)]):.2f}",
+             f"{base / statistics.median(times[(d, b)]):.2f}", f"{correct[(d, b)]}/{len(examples)}"]
+            for d, b in sorted(times)]
+    if args.greedy:
+        t = time.perf_counter()
+        answers = lr.greedy_answers(*models["float32"], examples)
+        seconds = time.perf_counter() - t
+        hits = sum(lr.kv_correct(a, ex.value) for a, ex in zip(answers, examples))
+        rows.append(["float32 greedy generate", args.batch_size, f"{len(examples) / seconds:.2f}",
+                     f"{base / seconds:.2f}", f"{hits}/{len(examples)}"])
+    print(f"\n## Scorer: {len(examples)} prompts (~240 tokens), median of {args.repeats} repeats\n")
+    print(lr.markdown_table(["dtype", "batch", "prompts/s", "x float32 batch 8", "correct"], rows))
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, SDPA, SmolLM2-135M-Instruct; "
-          f"{n} examples, {ntok:.0f} prompt tokens on average, {args.repeats} repeats\n")
-    print("| variant | examples/s (median) | s/example | speed-up over greedy: median [min, max] |")
-    print("|---|---|---|---|")
-    for v in variants:
-        ratios = [g / t for t, g in zip(times[v], times["greedy"])]
-        med = statistics.median(times[v])
-        print(f"| {v} | {n / med:.2f} | {med / n:.3f} | {statistics.median(ratios):.2f} "
-              f"[{min(ratios):.2f}, {max(ratios):.2f}] |")
-
-    tf = [s.correct for s in results["tf-batched"]]
-    gr = [lr.kv_correct(a, ex.value) for a, ex in zip(results["greedy"], examples)]
-    agree = sum(a == b for a, b in zip(tf, gr))
-    print(f"\nagreement, teacher-forced exact match vs greedy + substring metric: {agree}/{n} "
-          f"({100 * agree / n:.1f}%); accuracy tf {sum(tf) / n:.3f}, greedy {sum(gr) / n:.3f}")
-
-    # where the time of one teacher-forced forward goes (batch 8, the first batch)
-    ids = torch.tensor([lr._encode(tok, lr._prompt_text(tok, ex, False)) for ex in examples[:1]] * 8)
-    with torch.inference_mode(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
-        model.lm_head(hidden)
-    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:6]
-    total = sum(e.self_cpu_time_total for e in prof.key_averages())
-    print(f"\nwhere a forward of 8 x {ids.shape[1]} tokens with full logits spends its time (torch.profiler, self CPU):")
-    print("| op | share |\n|---|---|")
-    for e in rows:
-        print(f"| {e.key} | {100 * e.self_cpu_time_total / total:.1f}% |")
-    head_flops = 2 * model.config.hidden_size * model.config.vocab_size
-    cfg = model.config
-    layer_flops = cfg.num_hidden_layers * 2 * (cfg.hidden_size * (cfg.hidden_size + 2 * cfg.num_key_value_heads *
-                                                                    cfg.hidden_size // cfg.num_attention_heads
-                                                                    + cfg.hidden_size) +
-                                               3 * cfg.hidden_size * cfg.intermediate_size)
-    print(f"\nlm_head share of per-token matmul FLOPs with full logits: "
-          f"{100 * head_flops / (head_flops + layer_flops):.1f}%")
+    old, old_s, config = run_search("float32", False, examples, args)
+    new, new_s, _ = run_search("bfloat16", True, examples, args)
+    scored = {"old": sum(e[3] for e in old.evaluations), "new": sum(e[3] for e in new.evaluations)}
+    per_hour = {"old": 3600 * len(old.evaluations) / old_s, "new": 3600 * len(new.evaluations) / new_s}
+    model32, tok = models["float32"]
+    full = [e for e in new.evaluations if e[3] == len(examples)]
+    finalists = sorted(full, key=lambda e: -e[1])[:args.finalists]
+    rescored = {e[0]: lr.kv_fitness(model32, tok, examples, lr.individual_factors(e[0], config)).fitness
+                for e in finalists}
+    pick = max(rescored, key=rescored.get)
+    print(f"\n## The same search (GA population {args.population}, {args.generations} generations, seed "
+          f"{args.seed}, layer 16 frozen, {len(examples)} prompts)\n")
+    print(lr.markdown_table(
+        ["path", "wall s", "evaluations", "prompts scored", "candidates/hour", "x old", "best fitness"],
+        [["old: float32, full scoring", f"{old_s:.0f}", len(old.evaluations), scored["old"],
+          f"{per_hour['old']:.0f}", "1.00", f"{old.fitness:.4f}"],
+         ["new: bfloat16 + racing", f"{new_s:.0f}", len(new.evaluations), scored["new"], f"{per_hour['new']:.0f}",
+          f"{per_hour['new'] / per_hour['old']:.2f}", f"{new.fitness:.4f} (bf16)"]]))
+    print(f"\nracing scored {scored['new']} of {len(new.evaluations) * len(examples)} prompts "
+          f"({1 - scored['new'] / (len(new.evaluations) * len(examples)):.0%} saved); "
+          f"{len(new.evaluations) - len(full)} of {len(new.evaluations)} candidates raced out")
+    print(f"new finalists, bf16 fitness {[round(e[1], 4) for e in finalists]} -> float32 "
+          f"{[round(v, 4) for v in rescored.values()]}; float32 pick {list(pick)} (fitness {rescored[pick]:.4f}); "
+          f"bf16 top-1 = float32 top-1: {pick == finalists[0][0]}; old search best {list(old.best)} "
+          f"({old.fitness:.4f}); same curve: {pick == old.best}")
 
 
 if __name__ == "__main__":

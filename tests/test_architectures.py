@@ -16,13 +16,6 @@ import layer_rope as lr
 from tiny_models import FAMILIES, REFUSED, build, config, ids, maxdiff, same_weights, single_thread, supports_sdpa, tiny, with_linear_rope  # noqa: F401
 
 
-@pytest.fixture(autouse=True, params=["batched", "per-factor"])
-def cos_sin_path(request, monkeypatch):
-    """Run every test through both ways the patch makes scaled cos/sin: all factors in one set of kernels
-    (passes of up to lr.BATCH_MAX_POSITIONS positions, i.e. decoding) and one factor at a time (prefill)."""
-    monkeypatch.setattr(lr, "BATCH_MAX_POSITIONS", 10**6 if request.param == "batched" else 0)
-    return request.param
-
 FAMILY_NAMES = sorted(FAMILIES)
 S = 2.5
 PER_LAYER = [1.0, 3.0, 1.75]  # one unscaled layer, two different factors
@@ -70,7 +63,7 @@ class LinearRopeOracle:
     rotary module. The layer's type comes from config.layer_types; nothing here uses layer_rope."""
 
     def __init__(self, model, factors):
-        self.decoder = lr._decoder(model)
+        self.decoder = model.get_decoder()
         rotary = self.decoder.rotary_emb
         self.mixed = isinstance(getattr(rotary, "rope_type", None), dict)
         self.rotaries = {s: type(rotary)(config=with_linear_rope(model.config, s)) for s in set(factors)}

@@ -12,13 +12,6 @@ import layer_rope as lr
 from tiny_models import ids, maxdiff, same_weights, single_thread, tiny, with_linear_rope  # noqa: F401
 
 
-@pytest.fixture(autouse=True, params=["batched", "per-factor"])
-def cos_sin_path(request, monkeypatch):
-    """Run every test through both ways the patch makes scaled cos/sin: all factors in one set of kernels
-    (passes of up to lr.BATCH_MAX_POSITIONS positions, i.e. decoding) and one factor at a time (prefill)."""
-    monkeypatch.setattr(lr, "BATCH_MAX_POSITIONS", 10**6 if request.param == "batched" else 0)
-    return request.param
-
 
 LENGTHS = [12, 9, 5]
 FACTORS = [1.0, 3.0, 1.75]

@@ -90,10 +90,22 @@ def test_quick_search_and_eval_end_to_end(tmp_path):
     assert all(set(v["accuracy"]) == {"0", "4", "9"} for v in res.values())
     assert (tmp_path / "quick.png").exists()
     assert list(doc["timings_s"]) == ["model load", "baseline (search set)", "sensitivity scan", "GA",
-                                      "uniform factors (search set)", "held-out evaluation"]
+                                      "finalists re-scored", "uniform factors (search set)", "held-out evaluation"]
+    assert doc["dtype"] == lr.default_dtype("cpu") and doc["heldout"]["dtype"] == "float32"
+    fin = doc["finalists"]
+    assert len(fin["float32"]) == len(fin["individuals"]) >= 1 and fin["chosen"] in fin["individuals"]
+    assert factors == lr.individual_factors(fin["chosen"], lr.GAConfig(**doc["ga"]))
+    race = doc["racing"]
+    assert 0 < race["prompts_scored"] <= race["prompts_without_racing"]
+    for name, row in res.items():  # every held-out row: intervals per position, paired against no scaling
+        assert all(lo <= row["accuracy"][p] <= hi for p, (lo, hi) in row["accuracy_ci95"].items())
+        assert (row["vs_baseline"] is None) == (name == "no scaling")
+        assert name == "no scaling" or 0 <= row["vs_baseline"]["mcnemar_p"] <= 1
     assert sum(doc["timings_s"].values()) <= doc["wall_s"] + 0.5
     r = cli("eval", "--factors", str(out), "--pairs", "10", "--positions", "3", "--samples", "3", "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     ev = json.loads(r.stdout.strip().splitlines()[-1])
     ga = [v for k, v in res.items() if k.startswith("GA")][0]
     assert ev["accuracy"] == ga["accuracy"]  # same held-out prompts (seed 2), same factors
+    assert ev["accuracy_ci95"] == ga["accuracy_ci95"] and ev["vs_baseline"] == ga["vs_baseline"]
+    assert ev["rows"]["no scaling"]["correct"] == res["no scaling"]["correct"]

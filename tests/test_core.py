@@ -190,59 +190,17 @@ def test_generate_with_cache_matches_greedy_full_forward():
     assert torch.equal(out, seq)
 
 
-@pytest.mark.parametrize("batched", [False, True])
-def test_distinct_factors_computed_once(ids, monkeypatch, batched):
-    """Prefill: cos/sin once per pass per distinct factor. Decoding-sized passes: all distinct factors in
-    one batched computation per pass. Either way nothing is reused from an earlier pass."""
+def test_distinct_factors_computed_once(ids, monkeypatch):
+    """cos/sin once per pass per distinct factor; nothing is reused from an earlier pass."""
     model = tiny_llama(num_layers=6)
-    monkeypatch.setattr(lr, "BATCH_MAX_POSITIONS", 10**6 if batched else 0)
     calls = []
     with lr.scaled(model, [2.0, 2.0, 1.0, 3.0, 2.0, 3.0]):
-        if batched:
-            real = lr._scaled_position_embeddings_all
-            monkeypatch.setattr(lr, "_scaled_position_embeddings_all",
-                                lambda inv, *a: calls.append(inv.shape[0]) or real(inv, *a))
-        else:
-            real = lr.rope_cos_sin
-            monkeypatch.setattr(lr, "rope_cos_sin", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+        real = lr.rope_cos_sin
+        monkeypatch.setattr(lr, "rope_cos_sin", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
         logits(model, ids)
-        assert sorted(calls) == ([2] if batched else [2.0, 3.0])  # six layers, two distinct factors != 1
+        assert sorted(calls) == [2.0, 3.0]  # six layers, two distinct factors != 1
         logits(model, ids)
-        assert sorted(calls) == ([2, 2] if batched else [2.0, 2.0, 3.0, 3.0])  # again on the next pass
-
-
-def _decode_logits(model, ids, steps=5):
-    """Prefill then greedy cached decoding; the logits of every pass."""
-    out = []
-    with torch.no_grad():
-        o = model(ids, use_cache=True)
-        out.append(o.logits)
-        for _ in range(steps):
-            nxt = o.logits[:, -1:].argmax(-1)
-            o = model(nxt, past_key_values=o.past_key_values, use_cache=True)
-            out.append(o.logits)
-    return out
-
-
-@pytest.mark.parametrize("rope", [None, {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_batched_cos_sin_is_bitwise_the_per_factor_path(monkeypatch, rope, dtype):
-    """The decoding fast path (all factors in one set of kernels) = one factor at a time, bit for bit,
-    through prefill and cached decoding, beyond max_position_embeddings too (Dynamic-NTK swaps inv_freq
-    there: the cached inv_freq / s rows must follow)."""
-    factors = [1.0, 1.5, 2.0, 1.5]
-    kw = {} if rope is None else {"rope_parameters": rope}
-    torch.manual_seed(1)
-    runs = {}
-    for batched in (True, False):
-        monkeypatch.setattr(lr, "BATCH_MAX_POSITIONS", 10**6 if batched else 0)
-        model = tiny_llama(max_position_embeddings=32, **kw).to(dtype)
-        with lr.scaled(model, factors):
-            runs[batched] = [_decode_logits(model, torch.randint(0, 101, (1, n)), steps=3)
-                             for n in (8, 40, 8)]  # short, beyond 32 (dynamic grows its base), short again
-    for a, b in zip(runs[True], runs[False]):
-        for x, y in zip(a, b):
-            assert torch.equal(x, y)
+        assert sorted(calls) == [2.0, 2.0, 3.0, 3.0]  # again on the next pass
 
 
 def test_handle_set_factors_and_refuse_double_patch(ids):

@@ -40,7 +40,7 @@ def test_search_improves_and_is_deterministic():
 def test_never_evaluates_an_individual_twice():
     f = Counting()
     r = lr.genetic_search(f, CFG, progress=False)
-    inds = [i for i, _ in r.evaluations]
+    inds = [e[0] for e in r.evaluations]
     assert len(inds) == len(set(inds)) == len(f.calls)
     for i in inds:
         lr.check_individual(i, CFG)
@@ -59,7 +59,7 @@ def test_offspring_are_valid(seed, C, L):
     cfg = lr.GAConfig(num_layers=L, num_points=C, population=4, mutation_rate=0.5)
     rng = np.random.default_rng(seed)
     a, b = lr.random_individual(rng, cfg), lr.random_individual(rng, cfg)
-    for ind in (a, b, lr._crossover(a, b, rng, cfg), lr._mutate(a, rng, cfg, force=True)):
+    for ind in (a, b, lr.crossover(a, b, rng, cfg), lr.mutate(a, rng, cfg, force=True)):
         lr.check_individual(ind, cfg)
         cp = lr.control_points(ind, cfg)
         assert cp[0][0] == 0.0 and cp[-1][0] == 1.0
@@ -150,5 +150,5 @@ def test_corrupt_or_foreign_checkpoint_is_refused(tmp_path):
 def test_process_pool_map_gives_the_same_result():
     ref = lr.genetic_search(lr.synthetic_fitness, CFG, progress=False)
     with ProcessPoolExecutor(2) as pool:
-        res = lr.genetic_search(lr.synthetic_fitness, CFG, map=pool.map, progress=False)
+        res = lr.genetic_search(lr.synthetic_fitness, CFG, mapper=pool.map, progress=False)
     assert res.to_json() == ref.to_json()

@@ -111,9 +111,9 @@ def test_sensitive_layers_use_accuracy_or_gold_probability():
         return lr.KVFitness(acc, acc, {0: acc}, {0: 0.0}, 10, p)
 
     # baseline gets nothing right (small scan): only the probability can flag a layer
-    s = lr.Sensitivity(2.0, fit(0.0, 0.58), {0: fit(0.3, 0.6), 1: fit(0.0, 0.5), 16: fit(0.0, 0.16)})
+    s = lr.SensitivityScan(2.0, fit(0.0, 0.58), {0: fit(0.3, 0.6), 1: fit(0.0, 0.5), 16: fit(0.0, 0.16)})
     assert s.sensitive(0.5) == [16]
-    s = lr.Sensitivity(2.0, fit(1.0, 0.58), {0: fit(0.3, 0.6), 16: fit(1.0, 0.5)})
+    s = lr.SensitivityScan(2.0, fit(1.0, 0.58), {0: fit(0.3, 0.6), 16: fit(1.0, 0.5)})
     assert s.sensitive(0.5) == [0]
     with pytest.raises(ValueError):
         s.sensitive(0.0)

@@ -59,7 +59,7 @@ FAMILIES = {
 # family -> (extra config, exception type, words the message must contain).
 REFUSED = {
     "gpt2": ({}, TypeError, "no decoder layer stack"),  # learned absolute positions, no rotary
-    "opt": ({}, TypeError, "no decoder layer stack"),
+    "opt": ({}, TypeError, "does not receive `position_embeddings`"),  # get_decoder() finds its stack
     "bloom": ({}, TypeError, "no decoder layer stack"),  # ALiBi
     "gptj": (dict(rotary_dim=4), TypeError, "no decoder layer stack"),  # old style: rotary inside attention
     "codegen": (dict(rotary_dim=4), TypeError, "no decoder layer stack"),

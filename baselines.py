@@ -1,0 +1,270 @@
+"""Comparison baselines for layer_rope: Ms-PoE (Zhang et al. 2024, "Found in the Middle: How Language Models Use
+Long Contexts Better via Plug-and-Play Positional Encoding") on transformers 5.x Llama-family models (Llama,
+Mistral, Qwen2), through hooks only. Per attention *head*, not per layer: in every layer not in `skip_layers`,
+queries and keys of the head at rank i use positions m / r_i, r_i = r_min + (r_max - r_min) * i / H, i < H.
+
+Ranks. "fixed": head h has rank h. "score": ranked once per prompt, at prefill, by position awareness, the share
+of keys whose weight in the last query's attention row exceeds alpha times the row mean. More outliers (more
+position-aware) -> lower rank -> smaller ratio, nearer the trained positions (the paper's intent). The public code
+(VITA-Group/Ms-PoE, utils/modify_arch/*.py, `_calculate_outlier`) sorts by decreasing outlier share too, but its
+`cos[head_order]` gives head h the ratio of rank head_order[h] (the inverse permutation); it scores q.k before
+RoPE (score_rope=False here; default True: the model's own RoPE at the original positions), alpha 4 (llama.py)
+or 3 (mspoe_models.py), and its fixed ("normal") order is rank H-1-h.
+
+Grouped-query attention: q_m . k_n depends only on m - n when query and key share the ratio, and one key head
+serves a group of query heads; so ratios go per KV head (H = number of KV heads; plain multi-head attention is
+the paper exactly), a group's awareness being the mean of its query heads'. (The public code gives a group's
+query heads ratios other than their key head's.)
+
+Mechanism: a forward hook on the model-level rotary module records the pass's position_ids (so left-padded
+batches with explicit position_ids work); a pre-hook on each patched attention swaps position_embeddings for the
+identity (cos = 1, sin = 0: the model's apply_rotary_pos_emb returns q, k bit for bit); hooks on q_proj/k_proj
+rotate their outputs per KV group at m / r_i with cos/sin from the rotary module's own inv_freq and
+attention_scaling in float32 (layer_rope.rope_cos_sin), cast to the model dtype, x * cos + rotate_half(x) * sin in
+that dtype, as transformers does. Keys are cached rotated. The ranks of a prefill (a pass with an empty or no
+cache) are kept for the later passes (decoding steps) of the same generate call; scoring costs one more k_proj
+and a one-token q_proj per layer at prefill. TypeError for q_norm/k_norm or other extra attention modules, no
+q_proj/k_proj, partial rotary, a non-standard rotary module or several rope types.
+"""
+
+import contextlib
+import dataclasses
+import functools
+import inspect
+import math
+
+import torch
+
+import layer_rope as lr
+
+ORDERS = ("score", "fixed")
+_ATTN_CHILDREN = {"q_proj", "k_proj", "v_proj", "o_proj"}
+
+
+def mspoe_ratios(n_heads: int, r_min: float = 1.2, r_max: float = 1.8) -> list[float]:
+    """The ratio of each rank: r_i = r_min + (r_max - r_min) * i / n_heads, i = 0 .. n_heads-1."""
+    return [r_min + (r_max - r_min) * i / n_heads for i in range(n_heads)]
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_kv: int) -> torch.Tensor:
+    """x (B, T, heads*D) as q_proj/k_proj return it; cos/sin (B or 1, T, n_kv, 1, D), one ratio per KV group.
+    Query head j belongs to KV group j // (heads / n_kv), as transformers' repeat_kv has it."""
+    B, T = x.shape[:2]
+    y = x.view(B, T, n_kv, -1, cos.shape[-1])
+    return ((y * cos) + (lr.rotate_half(y) * sin)).view(B, T, -1)
+
+
+@torch.no_grad()
+def _score_order(attn, hidden, pe, mask, n_kv: int, alpha: float, rope: bool) -> torch.Tensor:
+    """(B, n_kv) KV heads by decreasing awareness, per example. Query head h: |{j : w_hj > alpha / n}| / n over
+    the n keys of the last real token's causal row w (float32; no sliding window); a KV head: its query heads' mean,
+    ranked by the integer count summed over the group (same order; ties stay exact, lower index first)."""
+    B, T, _ = hidden.shape
+    cos, sin = (t.expand(B, -1, -1) for t in pe)  # (B, T, D), the model's own RoPE at the original positions
+    D, dev = cos.shape[-1], hidden.device
+    if mask is not None and mask.dim() != 2:
+        raise ValueError("order='score' needs a 2-D attention_mask (batch, keys) or none")
+    valid = torch.ones(B, T, dtype=torch.bool, device=dev) if mask is None else mask[:, -T:].to(dev).bool()
+    ar, b = torch.arange(T, device=dev), torch.arange(B, device=dev)
+    last = torch.where(valid, ar, -1).amax(-1).clamp(min=0)  # last real token (left or right padding)
+    keys = valid & (ar <= last[:, None])  # causal row of that token, padding excluded
+    q = attn.q_proj(hidden[b, last][:, None]).view(B, n_kv, -1, D)  # only the last query row is needed
+    k = attn.k_proj(hidden).view(B, T, n_kv, D)
+    if rope:  # as the model rotates them, in its dtype
+        q = q * cos[b, last][:, None, None] + lr.rotate_half(q) * sin[b, last][:, None, None]
+        k = k * cos[:, :, None] + lr.rotate_half(k) * sin[:, :, None]
+    logits = torch.einsum("bhgd,bthd->bhgt", q.float(), k.float()) * getattr(attn, "scaling", D ** -0.5)
+    w = logits.masked_fill(~keys[:, None, None], float("-inf")).softmax(-1)
+    counts = (w > alpha / keys.sum(-1).clamp(min=1).view(B, 1, 1, 1)).sum(-1).sum(-1)  # (B, n_kv)
+    return torch.argsort(counts, dim=-1, descending=True, stable=True)
+
+
+@dataclasses.dataclass
+class MsPoEHandle:
+    """What `apply_mspoe` returns; `remove()` undoes the patch. ratios[i]: the ratio of rank i. head_order[layer]:
+    (batch, n_kv_heads) LongTensor of the last prefill, [b, i] = the KV head (group) that got ratios[i] in example b."""
+
+    model: torch.nn.Module
+    ratios: list
+    order: str
+    alpha: float
+    layers: list  # indices of the patched layers
+    n_kv_heads: int
+    score_rope: bool = True
+    head_order: dict = dataclasses.field(default_factory=dict)
+    _hooks: list = dataclasses.field(default_factory=list, repr=False)
+    _pass: dict = dataclasses.field(default_factory=dict, repr=False)  # this forward pass: positions, cos/sin
+    _cur: dict = dataclasses.field(default_factory=dict, repr=False)  # layer -> its (cos, sin) while it runs
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self._reset()
+        if getattr(self.model, "_mspoe_handle", None) is self:
+            del self.model._mspoe_handle
+
+    # -- hooks --------------------------------------------------------------------------------
+    def _reset(self, *_):
+        self._pass, self._cur = {}, {}  # at the start and end of each pass: nothing outlives the pass that made it
+
+    def _on_decoder(self, decoder, args, kwargs):
+        self._reset()
+        a = inspect.signature(decoder.forward).bind_partial(*args, **kwargs).arguments
+        a = {**a.get("kwargs", {}), **a}
+        cache = a.get("cache") if a.get("cache") is not None else a.get("past_key_values")
+        self._pass.update(prefill=cache is None or cache.get_seq_length() == 0, mask=a.get("attention_mask"))
+
+    def _on_rotary(self, rotary, args, kwargs, out):
+        a = inspect.signature(rotary.forward).bind(*args, **kwargs).arguments
+        self._pass.update(out=out, pos=a["position_ids"], dtype=a["x"].dtype, inv_freq=rotary.inv_freq,
+                          scaling=rotary.attention_scaling)  # inv_freq after any dynamic update
+
+    def _cos_sin(self):
+        """cos, sin (B or 1, T, n_kv, D): rank i's RoPE at m / ratios[i], once per pass."""
+        p = self._pass
+        if "cos" not in p:
+            by_r = {r: lr.rope_cos_sin(p["pos"], p["inv_freq"], r, p["scaling"]) for r in set(self.ratios)}
+            p["cos"], p["sin"] = (torch.stack([by_r[r][j] for r in self.ratios], dim=-2).to(p["dtype"]) for j in (0, 1))
+            p["identity"] = (torch.ones_like(p["out"][0]), torch.zeros_like(p["out"][1]))
+        return p["cos"], p["sin"]
+
+    def _on_attn(self, i, attn, args, kwargs):
+        p, pe = self._pass, kwargs.get("position_embeddings")
+        if pe is None or "out" not in p or pe[0] is not p["out"][0]:
+            raise RuntimeError(f"layer {i}: attention did not receive this pass's rotary output as position_embeddings "
+                               "(another position patch, e.g. layer_rope, in the way?); Ms-PoE cannot rescale it")
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        B, n_kv = hidden.shape[0], self.n_kv_heads
+        if p["prefill"]:
+            self.head_order[i] = (_score_order(attn, hidden, pe, p["mask"], n_kv, self.alpha, self.score_rope)
+                                  if self.order == "score" else torch.arange(n_kv, device=hidden.device).expand(B, -1))
+        cos, sin = self._cos_sin()
+        if self.order == "score":
+            order = self.head_order.get(i)
+            if order is None or order.shape[0] != B:
+                raise RuntimeError(f"layer {i}: a pass with a filled cache but no prefill of the same batch before "
+                                   "it; order='score' ranks the heads at prefill")
+            rank = torch.argsort(order, dim=-1)  # rank of each KV head: the inverse permutation
+            idx = rank[:, None, :, None].expand(B, cos.shape[1], -1, cos.shape[-1])
+            cos, sin = cos.expand(B, -1, -1, -1).gather(2, idx), sin.expand(B, -1, -1, -1).gather(2, idx)
+        self._cur[i] = (cos.unsqueeze(-2), sin.unsqueeze(-2))
+        return args, dict(kwargs, position_embeddings=p["identity"])
+
+    def _done(self, i, *_) -> None:
+        self._cur.pop(i, None)  # free this layer's cos/sin; returns None (non-None would replace the output)
+
+    def _on_proj(self, i, proj, inp, out):
+        cs = self._cur.get(i)  # None while _score_order calls the projection
+        return None if cs is None else _rotate(out, *cs, self.n_kv_heads)
+
+
+def _check_rotary(rotary) -> None:
+    """Refuse a rotary module whose cos/sin the standard formula (layer_rope.rope_cos_sin) does not give exactly."""
+    ok = (isinstance(getattr(rotary, "inv_freq", None), torch.Tensor) and hasattr(rotary, "attention_scaling")
+          and not isinstance(getattr(rotary, "rope_type", None), dict))  # a dict: one RoPE per layer type
+    if ok:
+        dev = rotary.inv_freq.device
+        x, pos = torch.zeros(1, 1, device=dev), torch.arange(7, device=dev)[None] * 97
+        with torch.no_grad():  # the undecorated forward: the probe must not touch dynamic-RoPE state
+            theirs = inspect.unwrap(type(rotary).forward)(rotary, x, pos)
+            ours = lr.rope_cos_sin(pos, rotary.inv_freq, 1.0, rotary.attention_scaling)
+        ok = isinstance(theirs, tuple) and len(theirs) == 2 and all(map(torch.equal, theirs, ours))
+    if not ok:
+        raise TypeError(f"{type(rotary).__name__} is not one standard rotary module or computes cos/sin differently "
+                        "from the standard RoPE formula; Ms-PoE here cannot rescale it exactly")
+
+
+def _check_attention(i, layer, rotary) -> tuple:
+    """(attention module, query heads, KV heads) of layer i, or TypeError saying why the hooks cannot be exact."""
+    attn = getattr(layer, "self_attn", None)
+    names = {n for n, _ in attn.named_children()} if attn is not None else set()
+    if not {"q_proj", "k_proj"} <= names:
+        raise TypeError(f"layer {i}: no self_attn with q_proj/k_proj; Ms-PoE supports Llama-family attention")
+    if names - _ATTN_CHILDREN:
+        raise TypeError(f"layer {i}: {type(attn).__name__} has {sorted(names - _ATTN_CHILDREN)} besides the "
+                        "projections (e.g. q_norm/k_norm between projection and rotary, as in Qwen3/OLMo2); hooks "
+                        "on q_proj/k_proj would rotate before them, so Ms-PoE cannot be reproduced exactly")
+    D = getattr(attn, "head_dim", 0)
+    n_q, n_kv = (getattr(p, "out_features", 0) // max(D, 1) for p in (attn.q_proj, attn.k_proj))
+    if "position_embeddings" not in inspect.signature(attn.forward).parameters or not (D and n_kv) or n_q % n_kv:
+        raise TypeError(f"layer {i}: {type(attn).__name__} takes no position_embeddings or has no head_dim/heads")
+    if 2 * rotary.inv_freq.numel() != D:
+        raise TypeError(f"layer {i}: partial rotary ({2 * rotary.inv_freq.numel()} of {D} dims) is not supported")
+    return attn, n_q, n_kv
+
+
+def _probe(attn, rotary, n_kv: int) -> None:
+    """Refuse an attention whose output at ratio 1 the hooks (identity position_embeddings, q/k rotated after
+    the projections) do not reproduce on random input: it uses position_embeddings in some other way."""
+    w = attn.q_proj.weight
+    x = torch.randn(1, 6, w.shape[1], generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
+    pos = torch.arange(6, device=w.device)[None] * 13 + 5
+    cos, sin = (t.to(w.dtype) for t in lr.rope_cos_sin(pos, rotary.inv_freq, 1.0, rotary.attention_scaling))
+    c, s = cos[:, :, None, None], sin[:, :, None, None]
+    with torch.no_grad():
+        ref = attn(hidden_states=x, position_embeddings=(cos, sin), attention_mask=None)[0]
+        hooks = [m.register_forward_hook(lambda _m, _i, o: _rotate(o, c, s, n_kv)) for m in (attn.q_proj, attn.k_proj)]
+        try:
+            ours = attn(hidden_states=x, position_embeddings=(cos * 0 + 1, sin * 0), attention_mask=None)[0]
+        finally:
+            [h.remove() for h in hooks]
+    if not (ours - ref).abs().max() <= 1e-3 * ref.abs().max():
+        raise TypeError(f"{type(attn).__name__} does not rotate q_proj/k_proj outputs with position_embeddings in "
+                        "the standard way; Ms-PoE here cannot reproduce it")
+
+
+def apply_mspoe(model, r_min: float = 1.2, r_max: float = 1.8, order: str = "score", alpha: float = 3.0,
+                skip_layers=(0, 1), score_rope: bool = True) -> MsPoEHandle:
+    """Ms-PoE on `model`: outside skip_layers, the KV group at rank i rotates its queries and keys at positions m / r_i,
+    r_i = r_min + (r_max - r_min) * i / H_kv; rank = head index ("fixed") or by decreasing outlier share
+    |{j : w_j > alpha * mean(w)}| / n of the last query's row at prefill ("score"; see the module docstring).
+    Returns a handle; handle.remove() restores the model bit for bit. ValueError: bad arguments; TypeError: a model
+    the hooks cannot do exactly; RuntimeError: already patched."""
+    for name, v in (("r_min", r_min), ("r_max", r_max), ("alpha", alpha)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+    if r_min > r_max:
+        raise ValueError(f"r_min ({r_min}) must be <= r_max ({r_max})")
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    if any(getattr(model, a, None) is not None for a in ("_mspoe_handle", "_layer_rope_handle")):
+        raise RuntimeError("model is already patched (Ms-PoE or layer_rope); remove that handle first")
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    layers, rotary = getattr(decoder, "layers", None), getattr(decoder, "rotary_emb", None)
+    if not isinstance(layers, torch.nn.ModuleList) or not isinstance(rotary, torch.nn.Module):
+        raise TypeError(f"{type(model).__name__}: no decoder stack with a model-level `rotary_emb`; Ms-PoE supports "
+                        "transformers 5.x Llama-family models")
+    skip = set(skip_layers)
+    if not all(isinstance(l, int) and not isinstance(l, bool) and 0 <= l < len(layers) for l in skip):
+        raise ValueError(f"skip_layers must be layer indices in [0, {len(layers)}), got {skip_layers!r}")
+    _check_rotary(rotary)
+    infos = [_check_attention(i, layer, rotary) for i, layer in enumerate(layers)]
+    n_kv, patched = infos[0][2], [i for i in range(len(layers)) if i not in skip]
+    if len({info[2] for info in infos}) != 1:
+        raise TypeError("layers differ in their number of KV heads; not supported")
+    if patched:
+        _probe(infos[patched[0]][0], rotary, n_kv)
+    handle = MsPoEHandle(model, mspoe_ratios(n_kv, float(r_min), float(r_max)), order, float(alpha), patched, n_kv,
+                         bool(score_rope))
+    hk, at = handle._hooks, functools.partial
+    hk += [decoder.register_forward_pre_hook(handle._on_decoder, with_kwargs=True), decoder.register_forward_hook(
+        handle._reset), rotary.register_forward_hook(handle._on_rotary, with_kwargs=True)]
+    for i in patched:
+        attn = infos[i][0]
+        hk += [attn.register_forward_pre_hook(at(handle._on_attn, i), with_kwargs=True),
+               attn.register_forward_hook(at(handle._done, i)),
+               attn.q_proj.register_forward_hook(at(handle._on_proj, i)),
+               attn.k_proj.register_forward_hook(at(handle._on_proj, i))]
+    model._mspoe_handle = handle
+    return handle
+
+
+@contextlib.contextmanager
+def mspoe(model, *args, **kw):
+    """with mspoe(model, r_min=..., ...) as handle: ... -- Ms-PoE for the block, removed even if it raises."""
+    handle = apply_mspoe(model, *args, **kw)
+    try:
+        yield handle
+    finally:
+        handle.remove()

@@ -1,0 +1,191 @@
+"""The search as an instrument (issue 12): the KV fitness on several families, dtypes and devices; racing;
+statistics; several workers, a worker that dies, and Ray as the `mapper`."""
+
+import json
+import math
+import os
+import signal
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+import numpy as np
+import pytest
+import torch
+
+import layer_rope as lr
+from tiny_models import single_thread, tiny  # noqa: F401
+
+CFG = lr.GAConfig(num_layers=30, population=6, generations=5, seed=3)
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return lr.load_model()[1]  # the embedded model's tokenizer: tiny models below take its vocabulary
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return [ex for g in (0, 2, 4) for ex in lr.make_kv_examples(3, num_pairs=5, gold_index=g, seed=5)]
+
+
+def tiny_lm(family, tok, dtype=torch.float32):
+    return tiny(family, "eager", seed=0, dtype=dtype, vocab_size=len(tok), pad_token_id=tok.pad_token_id)
+
+
+# -- any family, any dtype --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "phi3", "gemma2"])
+def test_kv_fitness_on_families(family, dtype, tok, prompts):
+    model = tiny_lm(family, tok, dtype)
+    layers = lr.num_layers(model)
+    plain = lr.kv_fitness(model, tok, prompts, batch_size=4)
+    ones = lr.kv_fitness(model, tok, prompts, [1.0] * layers, batch_size=4)
+    assert ones == plain  # all-ones factors = no patch, every prompt's result identical
+    assert plain.n == len(prompts) and all(lp < 0 for lp in plain.logprobs)
+    scaled = lr.kv_fitness(model, tok, prompts, [4.0] * layers, batch_size=4)
+    assert scaled.logprobs != plain.logprobs  # the patch reaches this family's scorer
+    # the scorer's gold log-probs are the model's own (soft-capping included), one prompt at a time
+    ex = prompts[0]
+    ids = lr.encode(tok, lr.prompt_text(tok, ex)) + lr.encode(tok, " " + ex.value)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids[:-1]])).logits[0].float(), -1)
+    gold = len(lr.encode(tok, " " + ex.value))
+    want = sum(logp[len(ids) - 1 - gold + t, ids[len(ids) - gold + t]].item() for t in range(gold))
+    assert plain.logprobs[0] == pytest.approx(want, abs=1e-3 if dtype == torch.float32 else 0.1)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_fitness_on_cuda_matches_cpu(dtype, tok, prompts):
+    cpu = tiny_lm("llama", tok, dtype)
+    gpu = tiny_lm("llama", tok, dtype).to("cuda")
+    a, b = lr.kv_fitness(cpu, tok, prompts, [1.5] * 3), lr.kv_fitness(gpu, tok, prompts, [1.5] * 3)
+    assert a.correct == b.correct or dtype == torch.bfloat16
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-3 if dtype == torch.float32 else 0.2)
+
+
+# -- racing ----------------------------------------------------------------------------------------
+
+def test_racing_stops_early_and_bounds_the_full_fitness(tok, prompts):
+    model = tiny_lm("llama", tok)
+    for objective in lr.OBJECTIVES:
+        full = lr.kv_fitness(model, tok, prompts, objective=objective, batch_size=3)
+        assert lr.kv_fitness(model, tok, prompts, objective=objective, batch_size=3, bar=-math.inf) == full
+        # unscored prompts count as right (accuracy) or as log-prob 0 (logprob) in the bound
+        bar = full.fitness + 0.5 if objective == "accuracy" else full.fitness / 2
+        raced = lr.kv_fitness(model, tok, prompts, objective=objective, batch_size=3, bar=bar)
+        assert not raced.complete and raced.n < full.n
+        assert full.fitness <= raced.fitness < bar  # an upper bound of the full fitness, below the bar
+        assert sorted(set(raced.gold_index)) == [0, 2, 4]  # the first batch already covers every position
+
+
+def test_weights_and_objectives(tok, prompts):
+    model = tiny_lm("llama", tok)
+    f = lr.kv_fitness(model, tok, prompts, weights="middle")
+    assert f.mean_accuracy == pytest.approx(0.25 * f.accuracy[0] + 0.5 * f.accuracy[2] + 0.25 * f.accuracy[4])
+    assert lr.position_weights([0, 2, 4], "middle") == {0: 0.25, 2: 0.5, 4: 0.25}
+    assert lr.position_weights([0, 9], [1, 3]) == {0: 0.25, 9: 0.75}
+    with pytest.raises(ValueError, match="weights"):
+        lr.position_weights([0, 9], [1, 2, 3])
+    smooth = lr.kv_fitness(model, tok, prompts, objective="logprob")
+    per_token = [lp / len(lr.encode(tok, " " + ex.value)) for lp, ex in zip(smooth.logprobs, prompts)]
+    assert smooth.fitness == pytest.approx(np.mean(per_token))  # equal positions: the plain mean
+    with pytest.raises(ValueError, match="objective"):
+        lr.kv_fitness(model, tok, prompts, objective="f1")
+
+
+class RacingFitness:
+    """synthetic_fitness that records the bars it was given; below the bar it returns the bar - 1."""
+
+    def __init__(self):
+        self.bars = []
+
+    def __call__(self, factors, bar=None):
+        self.bars.append(bar)
+        value = lr.synthetic_fitness(factors)
+        return bar - 1.0 if bar is not None and value < bar else value
+
+
+def test_ga_racing_passes_the_weakest_elite_as_bar():
+    f = RacingFitness()
+    res = lr.genetic_search(f, CFG, progress=False, race=True)
+    assert f.bars[:CFG.population] == [None] * CFG.population  # generation 0 is scored in full
+    assert all(b is not None for b in f.bars[CFG.population:])
+    plain = lr.genetic_search(lr.synthetic_fitness, CFG, progress=False)
+    assert res.fitness >= plain.history[0]["best_fitness"]
+
+
+# -- statistics -------------------------------------------------------------------------------------
+
+def test_wilson_interval_and_paired_comparison():
+    lo, hi = lr.wilson_interval(8, 10)
+    assert lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)  # textbook values
+    assert lr.wilson_interval(0, 10)[0] == 0.0 and lr.wilson_interval(0, 0) == (0.0, 1.0)
+
+    def fit(correct):
+        return lr.KVFitness(0.0, 0.0, {0: 0.0}, {0: 0.0}, len(correct), 1.0, [0] * len(correct), correct,
+                            [0.0] * len(correct))
+
+    a, b = fit([True] * 9 + [False] * 11), fit([False] * 20)
+    cmp = lr.paired_comparison(a, b)
+    assert cmp["difference"] == pytest.approx(0.45) and cmp["only_a_right"] == 9 and cmp["only_b_right"] == 0
+    assert cmp["mcnemar_p"] == pytest.approx(2 * 0.5 ** 9)  # exact two-sided binomial on 9 discordant pairs
+    assert cmp["ci95"][0] > 0 and cmp["ci95"][1] <= 1
+    assert lr.paired_comparison(a, a)["mcnemar_p"] == 1.0
+    with pytest.raises(ValueError, match="same prompts"):
+        lr.paired_comparison(a, fit([True] * 3))
+
+
+# -- workers ----------------------------------------------------------------------------------------
+
+class DiesOnce:
+    """synthetic_fitness, except that the first time it meets the marked individual's factors its worker
+    process kills itself (SIGKILL): a pool process dying mid-search."""
+
+    def __init__(self, flag, victim):
+        self.flag, self.victim = flag, victim
+
+    def __call__(self, factors):
+        if factors == self.victim and not os.path.exists(self.flag):
+            open(self.flag, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return lr.synthetic_fitness(factors)
+
+
+def test_a_dying_worker_loses_no_finished_evaluation(tmp_path):
+    ref = lr.genetic_search(lr.synthetic_fitness, CFG, progress=False)
+    victim = lr.individual_factors(ref.evaluations[9][0], CFG)  # generation 1
+    ck = str(tmp_path / "ck.json")
+    fitness = DiesOnce(str(tmp_path / "died"), victim)
+    with ProcessPoolExecutor(2) as pool, pytest.raises(BrokenProcessPool):
+        lr.genetic_search(fitness, CFG, mapper=pool, checkpoint=ck, progress=False)
+    saved = [e[0] for e in json.load(open(ck))["evaluations"]]
+    assert len(saved) >= CFG.population and list(ref.evaluations[9][0]) not in saved
+    with ProcessPoolExecutor(2) as pool:
+        res = lr.genetic_search(fitness, CFG, mapper=pool, checkpoint=ck, progress=False)
+    assert res.to_json() == ref.to_json()  # the rerun ends with the uninterrupted result
+
+
+def test_worker_pool_gives_each_worker_a_device():
+    with lr.worker_pool(2, "cpu") as pool:
+        assert sorted(pool.map(_worker_device, range(4))) == ["cpu"] * 4
+
+
+def _worker_device(_):
+    return lr._WORKER_DEVICE[0]
+
+
+def test_ray_pool_gives_the_same_result():
+    ray = pytest.importorskip("ray")
+    from ray.util.multiprocessing import Pool
+
+    ref = lr.genetic_search(lr.synthetic_fitness, CFG, progress=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        with Pool(2) as pool:
+            res = lr.genetic_search(lr.synthetic_fitness, CFG, mapper=pool.map, progress=False)
+    finally:
+        ray.shutdown()
+    assert res.to_json() == ref.to_json()
