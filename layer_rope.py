@@ -246,7 +246,8 @@ def _check_rotary(rotary) -> None:
     for lt in layer_types:
         with torch.no_grad():
             theirs = raw_forward(rotary, x, pos) if lt is None else raw_forward(rotary, x, pos, lt)
-            ours = rope_cos_sin(pos, *_rotary_params(rotary, lt))
+            inv_freq, attention_scaling = _rotary_params(rotary, lt)
+            ours = rope_cos_sin(pos, inv_freq, 1.0, attention_scaling)
         if not (isinstance(theirs, tuple) and len(theirs) == 2 and all(map(torch.equal, theirs, ours))):
             raise TypeError(f"{type(rotary).__name__} computes cos/sin differently from the standard RoPE formula "
                             "(positions * inv_freq, duplicated, times attention_scaling); layer_rope cannot "
@@ -1121,6 +1122,24 @@ def _evaluate(fitness: Callable, jobs: list, mapper):
         raise error
 
 
+def _start(config: GAConfig, checkpoint: str | None, tag) -> tuple:
+    """(generation, population, rng, evaluations, history): from the checkpoint if there is one, else a
+    first population of distinct random individuals (fewer distinct ones if the space is tiny)."""
+    if checkpoint is not None and os.path.exists(checkpoint):
+        doc = _load_checkpoint(checkpoint, config, tag)
+        rng = np.random.Generator(np.random.PCG64())
+        rng.bit_generator.state = doc["rng"]
+        return doc["generation"], doc["population"], rng, doc["evaluations"], doc["history"]
+    rng, pop = np.random.default_rng(config.seed), []
+    for _ in range(100 * config.population):
+        ind = random_individual(rng, config)
+        if ind not in pop:
+            pop.append(ind)
+        if len(pop) == config.population:
+            break
+    return 0, pop + [pop[i % len(pop)] for i in range(config.population - len(pop))], rng, [], []
+
+
 def genetic_search(fitness: Callable, config: GAConfig, mapper=map, checkpoint: str | None = None, tag=None,
                    progress: bool = True, race: bool = False) -> GAResult:
     """Maximise fitness(factors) over the Bezier individuals of `config`.
@@ -1140,21 +1159,7 @@ def genetic_search(fitness: Callable, config: GAConfig, mapper=map, checkpoint: 
 
     if not isinstance(config, GAConfig):
         raise TypeError(f"config must be a GAConfig, got {type(config).__name__}")
-    if checkpoint is not None and os.path.exists(checkpoint):
-        doc = _load_checkpoint(checkpoint, config, tag)
-        gen, pop, evaluations, history = doc["generation"], doc["population"], doc["evaluations"], doc["history"]
-        rng = np.random.Generator(np.random.PCG64())
-        rng.bit_generator.state = doc["rng"]
-    else:
-        rng, gen, evaluations, history = np.random.default_rng(config.seed), 0, [], []
-        pop = []
-        for _ in range(100 * config.population):  # distinct random individuals (fewer if the space is tiny)
-            ind = random_individual(rng, config)
-            if ind not in pop:
-                pop.append(ind)
-            if len(pop) == config.population:
-                break
-        pop += [pop[i % len(pop)] for i in range(config.population - len(pop))]
+    gen, pop, rng, evaluations, history = _start(config, checkpoint, tag)
     cache = {e[0]: e[1] for e in evaluations}
 
     def save():
@@ -1164,7 +1169,7 @@ def genetic_search(fitness: Callable, config: GAConfig, mapper=map, checkpoint: 
                                     "evaluations": [[list(e[0]), *e[1:]] for e in evaluations], "history": history})
 
     save()
-    bar = tqdm(total=config.generations, initial=gen, desc="GA generations", disable=not progress)
+    progress_bar = tqdm(total=config.generations, initial=gen, desc="GA generations", disable=not progress)
     while True:
         todo = list(dict.fromkeys(i for i in pop if i not in cache))
         fn = fitness
@@ -1183,15 +1188,15 @@ def genetic_search(fitness: Callable, config: GAConfig, mapper=map, checkpoint: 
         if len(history) == gen:  # not yet recorded (a resumed, finished search has it already)
             history.append({"generation": gen, "best": list(best), "best_fitness": cache[best],
                             "mean_fitness": float(np.mean([cache[i] for i in pop])), "evals_total": len(cache)})
-            bar.update(1)
-        bar.set_postfix(best=f"{cache[best]:.4f}", evals=len(cache))
+            progress_bar.update(1)
+        progress_bar.set_postfix(best=f"{cache[best]:.4f}", evals=len(cache))
         if gen + 1 >= config.generations:
-            save()
             break
         pop = _breed(pop, cache, rng, config)
         gen += 1
         save()
-    bar.close()
+    save()
+    progress_bar.close()
     best = min(cache, key=lambda ind: (-cache[ind], ind))  # the best ever evaluated (elitism keeps it anyway)
     return GAResult(best, cache[best], individual_factors(best, config), control_points(best, config), history,
                     evaluations)
@@ -1474,6 +1479,34 @@ def _run_ga(args, objective, layers: int, freeze, tag) -> GAResult:
             pool.shutdown(cancel_futures=True)
 
 
+def _scan_for_frozen_layers(args, model, tok, search, record) -> list[int]:
+    """The layers the sensitivity scan flags, on the first --scan-samples search prompts per position."""
+    scan_set = [ex for p in sorted({e.gold_index for e in search})
+                for ex in [e for e in search if e.gold_index == p][:args.scan_samples]]
+    scan = sensitivity(model, tok, scan_set, args.scan_factor, progress=not args.no_progress, **_fitness_kw(args))
+    freeze = scan.sensitive(args.max_drop)
+    record["sensitivity"] = {"prompts": len(scan_set), "frozen": freeze, **scan.to_json()}
+    print(f"{scan.table()}\n[search] freezing layers {freeze} (x{args.scan_factor}, drop > {args.max_drop:.0%})")
+    return freeze
+
+
+def _rescore_finalists(args, model, tok, search, res: GAResult, cfg: GAConfig, record) -> tuple:
+    """The best --finalists fully scored candidates of the search dtype, re-scored with `model` (the
+    held-out dtype); returns the best of those, recording both rankings and whether they agree."""
+    from scipy.stats import kendalltau
+
+    finalists = sorted((e for e in res.evaluations if e[3] in (None, len(search))), key=lambda e: -e[1])
+    finalists = finalists[:args.finalists]
+    before = [e[1] for e in finalists]
+    after = [kv_fitness(model, tok, search, individual_factors(e[0], cfg), **_fitness_kw(args)).fitness
+             for e in finalists]
+    chosen = finalists[int(np.argmax(after))][0]  # ties: the better search-dtype rank
+    record["finalists"] = {"individuals": [list(e[0]) for e in finalists], "search_dtype": before,
+                           args.heldout_dtype: after, "chosen": list(chosen), "same_best": chosen == finalists[0][0],
+                           "kendall_tau": float(kendalltau(before, after)[0]) if len(finalists) > 2 else None}
+    return chosen
+
+
 def cmd_search(args) -> dict:
     """`python layer_rope.py search`: see the section comment; writes OUT (factors JSON) and OUT's .png."""
     started, timings = time.time(), {}
@@ -1491,7 +1524,6 @@ def cmd_search(args) -> dict:
         res = _run_ga(args, _SyntheticObjective(args.eval_delay, args.eval_log), args.layers,
                       freeze if isinstance(freeze, list) else [], {"fitness": "synthetic"})
         save_factors(args.out, res.factors, control_points=res.control_points, **record, result=res.to_json())
-        print(json.dumps({"best": list(res.best), "fitness": res.fitness, "evaluations": len(res.evaluations)}))
         return record
     kw = _fitness_kw(args)
     model, tok = cached_model(args.model, args.device, args.dtype)
@@ -1505,12 +1537,7 @@ def cmd_search(args) -> dict:
     print(f"[search] baseline on the search set: {record['search_baseline']['accuracy']}", flush=True)
     step("baseline (search set)")
     if freeze == "auto":
-        scan_set = [ex for p in gold_positions(args.pairs, args.positions)
-                    for ex in [e for e in search if e.gold_index == p][:args.scan_samples]]
-        scan = sensitivity(model, tok, scan_set, args.scan_factor, progress=not args.no_progress, **kw)
-        freeze = scan.sensitive(args.max_drop)
-        record["sensitivity"] = {"prompts": len(scan_set), "frozen": freeze, **scan.to_json()}
-        print(f"{scan.table()}\n[search] freezing layers {freeze} (x{args.scan_factor}, drop > {args.max_drop:.0%})")
+        freeze = _scan_for_frozen_layers(args, model, tok, search, record)
         step("sensitivity scan")
     freeze = [] if freeze == "none" else freeze
     tag = {k: getattr(args, k) for k in ("model", "data", "pairs", "positions", "filler", "search_samples",
@@ -1521,22 +1548,17 @@ def cmd_search(args) -> dict:
     scored = [e[3] for e in res.evaluations if e[3] is not None]
     record["racing"] = {"prompts_scored": sum(scored), "prompts_without_racing": len(scored) * len(search)}
     step("GA")
-    # Finalists: the best fully scored candidates of the search dtype, re-scored in the held-out dtype.
-    if args.heldout_dtype != args.dtype:
+    if args.heldout_dtype != args.dtype:  # free the search model first: a 7B model twice may not fit
         cached_model.cache_clear()
         model, tok = cached_model(args.model, args.device, args.heldout_dtype)
     cfg = _ga_config(args, layers, freeze)
-    finalists = sorted((e for e in res.evaluations if e[3] in (None, len(search))), key=lambda e: -e[1])[:args.finalists]
-    rescored = {e[0]: kv_fitness(model, tok, search, individual_factors(e[0], cfg), **kw).fitness for e in finalists}
-    chosen = max(rescored, key=lambda ind: (rescored[ind], -finalists[[e[0] for e in finalists].index(ind)][1]))
-    from scipy.stats import kendalltau
-    record["finalists"] = {"search_dtype": [e[1] for e in finalists], args.heldout_dtype: list(rescored.values()),
-                           "individuals": [list(e[0]) for e in finalists], "chosen": list(chosen),
-                           "same_best": chosen == finalists[0][0],
-                           "kendall_tau": float(kendalltau([e[1] for e in finalists], list(rescored.values()))[0])
-                           if len(finalists) > 2 else None}
+    chosen = _rescore_finalists(args, model, tok, search, res, cfg, record)
     factors = individual_factors(chosen, cfg)
     step("finalists re-scored")
+    record.update(num_layers=layers, frozen=freeze, ga=cfg.to_json(), result=res.to_json())
+    if not held:  # --heldout-samples 0: the search alone (an experiment judges several runs on one set)
+        save_factors(args.out, factors, control_points=control_points(chosen, cfg), **record, timings_s=timings)
+        return record
     uniform = [float(v) for v in args.uniform.split(",")]
     ufit = {u: kv_fitness(model, tok, search, [u] * layers, **kw).fitness for u in uniform}
     best_u = max(uniform, key=lambda u: (ufit[u], -u))
@@ -1546,8 +1568,7 @@ def cmd_search(args) -> dict:
                 "GA " + args.curve + (f" (frozen {freeze})" if freeze else ""): factors}
     heldout = evaluate_rows(model, tok, held, settings, **kw)
     step("held-out evaluation")
-    record.update(timings_s=timings, num_layers=layers, frozen=freeze, ga=cfg.to_json(), result=res.to_json(),
-                  uniform_search_fitness={str(u): f for u, f in ufit.items()}, best_uniform=best_u,
+    record.update(timings_s=timings, uniform_search_fitness={str(u): f for u, f in ufit.items()}, best_uniform=best_u,
                   heldout={"seed": args.heldout_seed, "per_position": args.heldout_samples, "dtype": args.heldout_dtype,
                            "results": heldout}, heldout_factors=settings, wall_s=round(time.time() - started, 1))
     save_factors(args.out, factors, control_points=control_points(chosen, cfg), **record)
@@ -1612,6 +1633,25 @@ QUICK = dict(pairs=10, positions=3, search_samples=2, heldout_samples=3, scan_sa
              generations=2, uniform="1.5,2.0", out=os.path.join("results", "quick-kv.json"))
 
 
+def _common_args(c):
+    c.add_argument("--model", default=None, help="local HF model directory or .gguf (default: embedded SmolLM2)")
+    c.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    c.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="search: bfloat16 where the device has it, else float32; eval, sensitivity: float32")
+    c.add_argument("--data", default=None, help="an original kv-retrieval-*.jsonl.gz (default: generated)")
+    c.add_argument("--pairs", type=int, default=20, help="key-value pairs per generated prompt")
+    c.add_argument("--positions", type=int, default=5, help="gold positions, spread from first to last")
+    c.add_argument("--filler", type=int, default=0, help="long-range prompts: filler paragraphs per pair")
+    c.add_argument("--batch-size", type=int, default=8)
+    c.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
+    c.add_argument("--weights", type=_weights_arg, default="uniform",
+                   help="gold position weights: uniform, middle, or one number per position")
+    c.add_argument("--objective", choices=OBJECTIVES, default="accuracy",
+                   help="accuracy (+ gold-probability tie-breaker) or mean gold log-prob (smooth)")
+    c.add_argument("--no-progress", action="store_true")
+    return c
+
+
 def _parser():
     import argparse
 
@@ -1620,24 +1660,7 @@ def _parser():
     commands = {"search": "baseline, layer scan, GA search and held-out evaluation on KV retrieval",
                 "eval": "held-out accuracy per gold position of saved factors, paired against no scaling",
                 "sensitivity": "fitness with one layer at a time scaled"}
-    p = {}
-    for name, text in commands.items():
-        p[name] = c = sub.add_parser(name, help=text)
-        c.add_argument("--model", default=None, help="local HF model directory or .gguf (default: embedded SmolLM2)")
-        c.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
-        c.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                       help="search: bfloat16 where the device has it, else float32; eval, sensitivity: float32")
-        c.add_argument("--data", default=None, help="an original kv-retrieval-*.jsonl.gz (default: generated)")
-        c.add_argument("--pairs", type=int, default=20, help="key-value pairs per generated prompt")
-        c.add_argument("--positions", type=int, default=5, help="gold positions, spread from first to last")
-        c.add_argument("--filler", type=int, default=0, help="long-range prompts: filler paragraphs per pair")
-        c.add_argument("--batch-size", type=int, default=8)
-        c.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
-        c.add_argument("--weights", type=_weights_arg, default="uniform",
-                       help="gold position weights: uniform, middle, or one number per position")
-        c.add_argument("--objective", choices=OBJECTIVES, default="accuracy",
-                       help="accuracy (+ gold-probability tie-breaker) or mean gold log-prob (smooth)")
-        c.add_argument("--no-progress", action="store_true")
+    p = {name: _common_args(sub.add_parser(name, help=text)) for name, text in commands.items()}
     s = p["search"]
     s.add_argument("--out", default=os.path.join("results", "smollm2-135m-kv.json"), help="factors JSON to write")
     s.add_argument("--restart", action="store_true", help="delete an existing checkpoint (OUT.ckpt.json) first")

@@ -9,9 +9,9 @@ Variants, interleaved in a fresh random order every repeat so drift and other lo
   patched-30   30 distinct factors (1.02 .. 1.60), one per layer: 30 cos/sin pairs per pass
   patched-3    3 distinct factors, 10 layers each
 Prefill is one forward over L tokens with logits for the last position only (what generate does).
-Decode is 128 greedy steps with a KV cache after a 512-token prompt, time per token; it also runs
-"patched-30 one-at-a-time" (the decoding fast path off) and reports the time spent inside the patch's
-layer pre-hooks per token, an absolute figure that this machine's run-to-run noise does not blur.
+Decode is 128 greedy steps with a KV cache after a 512-token prompt, time per token; it also reports
+the time spent inside the patch's layer pre-hooks per token, an absolute figure that this machine's
+run-to-run noise does not blur.
 Ratios are per repeat (variant / unpatched of the same repeat), reported as median [min, max].
 Peak RSS: each variant's 8k (largest length) forward in its own subprocess, ru_maxrss.
 """
@@ -35,9 +35,6 @@ VARIANTS = {
     "patched-30": [round(1.02 + 0.02 * i, 2) for i in range(30)],
     "patched-3": [1.2] * 10 + [1.5] * 10 + [1.8] * 10,
 }
-# Decode only: patched-30 with the decoding fast path turned off (cos/sin one factor at a time, as
-# prefill does), i.e. the code before the fast path, to show what it buys in the same run.
-DECODE_ONLY = {"patched-30 one-at-a-time": VARIANTS["patched-30"]}
 HOOK = {"spent": 0.0, "decode": None}  # seconds inside the decoder-layer pre-hooks (running; decode steps only)
 
 
@@ -62,27 +59,25 @@ def decode_seconds_per_token(model, ids, new_tokens):
 
 
 def run_variant(model, name, fn):
-    factors = {**VARIANTS, **DECODE_ONLY}[name]
+    factors = VARIANTS[name]
     if factors is None:
         return fn()
-    batch = lr.BATCH_MAX_POSITIONS
-    lr.BATCH_MAX_POSITIONS = 0 if name in DECODE_ONLY else batch
-    handle = lr.apply(model, factors)
-    inner = handle._on_layer
+    inner = lr._scale_layer_positions
 
-    def timed(*a, **k):  # the layer pre-hooks look handle._on_layer up at call time
+    def timed(*a, **k):  # apply() binds the layer pre-hook to the function it finds at apply time
         t = time.perf_counter()
         try:
             return inner(*a, **k)
         finally:
             HOOK["spent"] += time.perf_counter() - t
 
-    handle._on_layer = timed
+    lr._scale_layer_positions = timed
+    handle = lr.apply(model, factors)
+    lr._scale_layer_positions = inner
     try:
         return fn()
     finally:
         handle.remove()
-        lr.BATCH_MAX_POSITIONS = batch
 
 
 def summarize(times, base):
@@ -123,7 +118,7 @@ def main():
     hooks = {}  # decode: variant -> ms per token inside the layer pre-hooks, one value per repeat
     for what, ids, fn, repeats in jobs:
         decode = what.startswith("decode")
-        variants = list(VARIANTS) + (list(DECODE_ONLY) if decode else [])
+        variants = list(VARIANTS)
         run_variant(model, "patched-30", lambda: fn(model, ids))  # warm-up, not timed
         times = {v: [] for v in variants}
         for _ in range(repeats):

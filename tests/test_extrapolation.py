@@ -1,20 +1,26 @@
-"""Extrapolation: the passkey generator, one-forward scoring, and per-layer factors composed with every base
-rope_type at lengths beyond max_position_embeddings (tiny random Llamas, no downloads, a few seconds)."""
+"""Extrapolation: the passkey generator, one-forward scoring, per-layer factors composed with every base
+rope_type at lengths beyond max_position_embeddings, the table and its report, and the long-context search
+fitness (tiny random Llamas, no downloads, a few seconds)."""
 
 import inspect
 import json
+import math
+import os
+import pickle
 
 import numpy as np
 import pytest
 import torch
 
-import layer_rope as ex  # after the merge: `import layer_rope as ex`
+import extrapolation as ex
 import layer_rope as lr
 from conftest import tiny_llama
 
 MAXPOS = 32  # tiny models' trained context
 SEQ = 56  # > MAXPOS: every test below runs beyond it
 HEAD_DIM = 16  # hidden 64 / 4 heads
+SMOLLM2_DEPTH = 16 / 29  # SmolLM2's retrieval-critical layer 16 of 30: the CLI's default profile depth
+PROFILE = ex.default_extrapolation_factors(4, SMOLLM2_DEPTH)
 
 
 class CharTokenizer:
@@ -108,7 +114,7 @@ def test_method_rope_coincide_inside_context():
 
 
 def test_default_profile_keeps_sensitive_layer():
-    f = ex.default_extrapolation_factors(30)
+    f = ex.default_extrapolation_factors(30, SMOLLM2_DEPTH)
     assert len(f) == 30 and f[:17] == [1.0] * 17  # layers 0..16 untouched
     assert f[-1] == pytest.approx(1.5) and all(b > a for a, b in zip(f[16:], f[17:]))
 
@@ -240,7 +246,7 @@ def test_extrapolation_table_shares_coinciding_methods_and_resumes(tmp_path):
     # lengths are well beyond the tiny context except 32; the fixed prompt parts need ~250 characters
     log = tmp_path / "x.jsonl"
     recs = ex.extrapolation_table([MAXPOS * 9, MAXPOS * 12], {MAXPOS * 9: 2, MAXPOS * 12: 1},
-                                  ex.default_extrapolation_factors(4), log_path=str(log), load=load,
+                                  PROFILE, log_path=str(log), load=load,
                                   ppl_positions=64, log=lambda *a: None)
     assert len(recs) == 5 * 2 + 5  # five distinct methods at both lengths (both > MAXPOS)
     assert sorted(len(r["methods"]) for r in recs) == [1] * 15
@@ -250,7 +256,7 @@ def test_extrapolation_table_shares_coinciding_methods_and_resumes(tmp_path):
     assert {(r["length"], r["method"]): r["n"] for r in rows}[(MAXPOS * 9, "pi+layer")] == 2
     n_loads = len(loads)
     again = ex.extrapolation_table([MAXPOS * 9, MAXPOS * 12], {MAXPOS * 9: 2, MAXPOS * 12: 1},
-                                   ex.default_extrapolation_factors(4), log_path=str(log), load=load,
+                                   PROFILE, log_path=str(log), load=load,
                                    ppl_positions=64, log=lambda *a: None)
     assert len(loads) == n_loads + 1 and again == recs  # resumed from the log: no forward re-run
     # a log written with other settings is refused, not mixed into the table
@@ -259,10 +265,10 @@ def test_extrapolation_table_shares_coinciding_methods_and_resumes(tmp_path):
         ex.extrapolation_table([MAXPOS * 9], {MAXPOS * 9: 2}, other, log_path=str(log), load=load,
                                ppl_positions=64, log=lambda *a: None)
     with pytest.raises(ValueError, match="different needle depth"):  # 3 samples: depths 0.1, 0.5, 0.9
-        ex.extrapolation_table([MAXPOS * 9], {MAXPOS * 9: 3}, ex.default_extrapolation_factors(4),
+        ex.extrapolation_table([MAXPOS * 9], {MAXPOS * 9: 3}, PROFILE,
                                log_path=str(log), load=load, ppl_positions=64, log=lambda *a: None)
     with pytest.raises(ValueError, match="different passkey"):
-        ex.extrapolation_table([MAXPOS * 9], {MAXPOS * 9: 2}, ex.default_extrapolation_factors(4), seed=7,
+        ex.extrapolation_table([MAXPOS * 9], {MAXPOS * 9: 2}, PROFILE, seed=7,
                                log_path=str(log), load=load, ppl_positions=64, log=lambda *a: None)
 
 
@@ -276,6 +282,18 @@ def test_extrapolation_table_inside_context_runs_two_forwards():
     assert sorted(sorted(r["methods"]) for r in recs) == [["none", "ntk", "pi"], ["ntk+layer", "pi+layer"]]
     md = ex.extrapolation_markdown(ex.summarize_extrapolation(recs), {"max_position_embeddings": 4 * L})
     assert md.count(f"| {L} |") == 5
+
+
+def test_extrapolation_table_runs_only_the_methods_asked_for():
+    tok = CharTokenizer()
+    def load(rp):
+        kw = {} if rp is None else {"rope_parameters": rp}
+        return tiny_llama(seed=6, max_position_embeddings=MAXPOS, **kw), tok
+
+    recs = ex.extrapolation_table([MAXPOS * 9], {MAXPOS * 9: 2}, PROFILE, ppl_positions=32,
+                                  log=lambda *a: None, methods=("ntk", "ntk+layer"), load=load)
+    assert [r["methods"] for r in recs] == [["ntk"], ["ntk+layer"]] * 2
+    assert [(p["base"], p["n"]) for p in ex.paired_differences(recs)] == [("ntk", 2)]
 
 
 def test_prefix_sharing_is_exact():
@@ -298,15 +316,18 @@ def test_prefix_sharing_is_exact():
 
 
 def test_cli_parser_and_recorded_command():
-    import argparse
-
-    ap = argparse.ArgumentParser()
-    ex.add_extrapolate_parser(ap.add_subparsers(dest="cmd", required=True))
-    a = ap.parse_args(["extrapolate", "--lengths", "4096", "16384", "--samples", "2", "1", "--report-only"])
-    assert a.func is ex.cmd_extrapolate and a.lengths == ["4096", "16384"] and a.report_only
+    ap = ex.build_parser()
+    a = ap.parse_args(["table", "--lengths", "4096", "16384", "--samples", "2", "1", "--report-only"])
+    assert a.func is ex.cmd_table and a.lengths == ["4096", "16384"] and a.report_only
     assert a.haystack == "classic" and a.ntk_factor == 2.0 and a.dtype == "float32"
-    assert ex._reproducing_argv(["extrapolate", "--resume", "--note", "a b", "--seed", "1", "--report-only"]) == \
-        ["extrapolate", "--seed", "1"]
+    assert ap.parse_args(["table"]).samples == ["3", "2", "2", "1"] and a.seed == ex.HELDOUT_SEED == 0
+    assert ex._reproducing_argv(["table", "--resume", "--note", "a b", "--seed", "1", "--report-only"]) == \
+        ["table", "--seed", "1"]
+    s = ap.parse_args(["search", "--method", "pi", "--length", "12288", "--needles", "6", "--seed", "3",
+                       "--population", "10", "--generations", "5", "--dtype", "bfloat16"])
+    assert s.func is ex.cmd_search
+    assert (s.method, s.length, s.needles, s.seed, s.needle_seed) == ("pi", 12288, 6, 3, 1)
+    assert (s.population, s.generations, s.dtype, s.out) == (10, 5, "bfloat16", None)
 
 
 def test_plots_leave_pyplots_backend_alone(tmp_path):
@@ -319,8 +340,206 @@ def test_plots_leave_pyplots_backend_alone(tmp_path):
     try:
         rows = [{"haystack": "classic", "length": L, "method": m, "answer_logprob": -1.0, "passkey_acc": 1.0,
                  "ppl": 1.1} for L in (4096, 8192) for m in ex.EXTRAPOLATION_METHODS]
-        ex.plot_extrapolation(rows, str(tmp_path / "x.png"))
+        ex.plot_extrapolation(rows, str(tmp_path / "x.png"), title="test", trained_context=6000)
         assert matplotlib.get_backend() == "pdf"
         assert (tmp_path / "x.png").stat().st_size > 1000
     finally:
         matplotlib.use(before)
+
+
+def test_pydoc_haystack_cache_is_per_tokenizer_object():
+    """The pydoc token cache is keyed on the tokenizer object (functools.cache keeps it alive), not on id():
+    a tokenizer created after another was garbage-collected can reuse its id, and got its tokens."""
+    first = ex.haystack_tokens(CharTokenizer(), "pydoc")  # the tokenizer is freed right after this line
+
+    class Shifted(CharTokenizer):
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [i % 100 + 1 for i in super().__call__(text)["input_ids"]]}
+
+    shifted = ex.haystack_tokens(Shifted(), "pydoc")
+    assert shifted == [i % 100 + 1 for i in first] and shifted != first
+
+
+# -- paired differences --------------------------------------------------------------------------------
+
+def _record(length, example, methods, logprob):
+    return {"haystack": "classic", "length": length, "example": example, "methods": methods,
+            "answer_logprob": logprob, "correct": False, "ppl": 2.0, "ppl_tail": 2.0, "seconds": 1.0,
+            "layers_run": 4}
+
+
+def test_paired_differences_t_interval():
+    from scipy import stats
+
+    base = [-3.0, -2.0, -5.0, -1.0]
+    layer = [-2.0, -2.5, -1.0, -1.0]
+    recs = [_record(400, i, ["ntk"], b) for i, b in enumerate(base)]
+    recs += [_record(400, i, ["ntk+layer"], v) for i, v in enumerate(layer)]
+    recs += [_record(400, 0, ["pi"], -9.0), _record(400, 0, ["pi+layer"], -8.0)]  # one needle: no interval
+    paired = {p["base"]: p for p in ex.paired_differences(recs)}
+    d = np.subtract(layer, base)
+    p = paired["ntk"]
+    assert p["differences"] == d.tolist() and p["n"] == 4 and p["mean"] == pytest.approx(d.mean())
+    half = stats.t.ppf(0.975, 3) * d.std(ddof=1) / 2
+    assert p["interval"] == pytest.approx([d.mean() - half, d.mean() + half])
+    assert (p["helped"], p["hurt"]) == (2, 1)
+    assert paired["pi"]["n"] == 1 and paired["pi"]["interval"] is None and paired["pi"]["mean"] == 1.0
+    md = ex.extrapolation_markdown(ex.summarize_extrapolation(recs), {"max_position_embeddings": 32},
+                                   ex.paired_differences(recs))
+    assert "## Paired" in md and "| classic | 400 | ntk+layer - ntk | 4 | +1.12 |" in md
+
+
+# -- the long-context search fitness ---------------------------------------------------------------
+
+LONG = 300  # tokens: far beyond MAXPOS, room for the fixed prompt parts (~250 characters)
+
+
+def tiny_load(rope_parameters):
+    """A picklable loader for the objective: the same tiny Llama with the given rope_parameters."""
+    kw = {} if rope_parameters is None else {"rope_parameters": rope_parameters}
+    return tiny_llama(seed=7, max_position_embeddings=MAXPOS, **kw), CharTokenizer()
+
+
+def _objective(**kw):
+    settings = {"method": "ntk", "length": LONG, "needles": 3, "seed": 1, "ppl_positions": 64, "load": tiny_load}
+    return ex.PasskeyObjective(**{**settings, **kw})
+
+
+def test_passkey_fitness_orders_by_retrieved_keys_first():
+    n = 5
+    for c in range(n):
+        assert ex.passkey_fitness(c + 1, n, -1e3) > ex.passkey_fitness(c, n, 0.0)
+        weight = 0.99 / (n * (n + 1))  # below the documented bound: the penalty cannot reorder either
+        assert ex.passkey_fitness(c + 1, n, -1e3, 1e3, weight) > ex.passkey_fitness(c, n, 0.0, 0.0, weight)
+    assert ex.passkey_fitness(n, n, 0.0) == 1 + 1 / (n + 1)
+    want = 0.5 + 0.1 - 0.2 * 0.75
+    assert ex.passkey_fitness(2, 4, math.log(0.5), math.log(4.0), 0.2) == pytest.approx(want)
+
+
+def test_objective_is_deterministic_and_all_ones_is_the_base_method():
+    obj = _objective()
+    f = [1.0, 1.5, 1.25, 2.0]
+    assert obj(f) == obj(f) and obj([1.0] * 4) != obj(f)
+    # all-ones = the base method alone, scored by hand on the same needles (seed 1, depths 0.1, 0.5, 0.9)
+    trained = tiny_load(None)[0].config
+    rope = ex.method_rope("ntk", LONG, MAXPOS, trained.rope_parameters["rope_theta"]).rope_parameters
+    assert rope["rope_type"] == "dynamic"
+    model, tok = tiny_load(rope)
+    needles = ex.make_passkey_examples(tok, LONG, 3, seed=1)
+    rs = [ex.passkey_and_ppl(model, e, 64) for e in needles]
+    per_token = sum(r["answer_logprob"] for r in rs) / sum(len(e.answer_ids) for e in needles)
+    want = sum(r["correct"] for r in rs) / 3 + math.exp(per_token) / 4
+    assert obj([1.0] * 4) == want
+    penalised = _objective(ppl_weight=0.01)
+    nll = np.mean([math.log(r["ppl"]) for r in rs])
+    assert penalised([1.0] * 4) == pytest.approx(want - 0.01 * (1 - math.exp(-nll)), abs=1e-12)
+    assert _objective(method="pi").prepared()[0].config.rope_parameters["rope_type"] == "linear"
+    assert pickle.loads(pickle.dumps(obj)) == obj  # a process pool can ship it
+    with pytest.raises(ValueError, match="held-out"):
+        _objective(seed=ex.HELDOUT_SEED)
+
+
+def test_objective_racing_stops_early_below_the_bar(monkeypatch):
+    obj = _objective()
+    f = [1.0, 1.5, 1.25, 2.0]
+    full = obj.score(f)
+    assert full["scored"] == 3 and not full["raced"]
+    assert full["correct"] == 0  # random weights retrieve nothing
+    calls = []
+    real = ex.passkey_and_ppl
+    monkeypatch.setattr(ex, "passkey_and_ppl", lambda *a, **k: calls.append(1) or real(*a, **k))
+    bar = 0.9  # after 2 misses of 3 the best reachable is 1/3 + 1/4 < 0.9
+    raced = obj.score(f, bar=bar)
+    assert raced["raced"] and raced["scored"] == len(calls) == 2 < 3
+    assert raced["fitness"] == pytest.approx(1 / 3 + 1 / 4) and full["fitness"] <= raced["fitness"] < bar
+    assert obj(f, bar=full["fitness"]) == full["fitness"]  # a reachable bar: every needle scored, same value
+
+
+class _KilledAfter:
+    """The objective, raising KeyboardInterrupt (as Ctrl-C would) once `limit` evaluations have finished."""
+
+    def __init__(self, objective, limit):
+        self.objective, self.limit, self.calls = objective, limit, 0
+
+    def __call__(self, factors):
+        if self.calls == self.limit:
+            raise KeyboardInterrupt
+        self.calls += 1
+        return self.objective(factors)
+
+
+def test_search_killed_and_resumed_equals_uninterrupted(tmp_path):
+    obj = _objective(needles=2)
+    cfg = lr.GAConfig(num_layers=4, num_points=3, population=4, generations=3, seed=0)
+    tag = {"fitness": "passkey", **obj.describe()}
+    whole = lr.genetic_search(obj, cfg, checkpoint=str(tmp_path / "a.json"), tag=tag, progress=False)
+    killed = _KilledAfter(obj, 5)
+    with pytest.raises(KeyboardInterrupt):
+        lr.genetic_search(killed, cfg, checkpoint=str(tmp_path / "b.json"), tag=tag, progress=False)
+    rest = _KilledAfter(obj, 10 ** 6)
+    again = lr.genetic_search(rest, cfg, checkpoint=str(tmp_path / "b.json"), tag=tag, progress=False)
+    assert (again.best, again.fitness, again.factors) == (whole.best, whole.fitness, whole.factors)
+    assert again.history == whole.history
+    assert [e[:2] for e in again.evaluations] == [e[:2] for e in whole.evaluations]
+    assert rest.calls == len(whole.evaluations) - 5  # nothing evaluated twice
+    with pytest.raises(ValueError, match="different fitness"):  # another needle seed: refused
+        lr.genetic_search(obj, cfg, checkpoint=str(tmp_path / "b.json"), progress=False,
+                          tag={"fitness": "passkey", **_objective(needles=2, seed=2).describe()})
+
+
+# -- the command line, end to end on a tiny saved model ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny Llama saved as a Hugging Face directory with a one-token-per-character tokenizer."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny")
+    chars = [chr(i) for i in range(32, 127)] + ["\n"]
+    vocab = {"<unk>": 0, **{c: i + 1 for i, c in enumerate(chars)}}  # 97 ids < vocab 101
+    chars_only = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))  # no merges: one per character
+    tok = PreTrainedTokenizerFast(tokenizer_object=chars_only, unk_token="<unk>")
+    tiny_llama(seed=8, max_position_embeddings=MAXPOS).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_cli_search_then_heldout_table(tiny_model_dir, tmp_path, capsys):
+    out = str(tmp_path / "search.json")
+    common = ["--model", tiny_model_dir, "--ppl-positions", "32", "--threads", "1"]
+    search = ["search", "--method", "ntk", "--length", str(LONG), "--needles", "2", "--population", "3",
+              "--generations", "2", "--freeze", "none", "--points", "3", "--no-progress", "--out", out,
+              *common]
+    with pytest.raises(SystemExit, match="held-out"):
+        ex.main(search + ["--needle-seed", "0"])
+    record = ex.main(search)
+    factors, doc = lr.load_factors(out, 4, with_metadata=True)
+    assert factors == doc["result"]["factors"] and doc["control_points"] == doc["result"]["control_points"]
+    assert doc["objective"]["seed"] == 1 and doc["heldout_seed"] == 0 and doc["objective"]["method"] == "ntk"
+    assert set(doc["timings_s"]) == {"model load", "GA", "base method alone"} and doc["wall_s"] > 0
+    assert doc["run"]["dtype"] == "float32" and "peak_rss_mb" in doc["run"]
+    assert len(doc["result"]["history"]) == 2
+    assert doc["base_method_alone"]["fitness"] == pytest.approx(record["base_method_alone"]["fitness"])
+    assert os.path.exists(str(tmp_path / "search.ckpt.json"))
+    assert ex.main(search)["result"] == record["result"]  # a finished checkpoint: resumed, nothing new
+
+    prefix = str(tmp_path / "table")
+    table = ["table", "--lengths", str(LONG), "--samples", "2", "--factors", out, "--out", prefix, *common]
+    res = ex.main(table)
+    assert len(res["records"]) == 5 * 2 and {r["example"] for r in res["records"]} == {0, 1}
+    searched = ex.make_passkey_examples(CharTokenizer(), LONG, 2, seed=1)
+    assert {r["key"] for r in res["records"]}.isdisjoint(e.key for e in searched)
+    paired = {p["base"]: p for p in res["paired"]}
+    assert set(paired) == {"pi", "ntk"} and paired["ntk"]["n"] == 2 and len(paired["ntk"]["interval"]) == 2
+    md = open(prefix + ".md").read()
+    assert "## Paired" in md and "ntk+layer - ntk" in md and os.path.getsize(prefix + ".png") > 1000
+    assert res["meta"]["command"].endswith(" ".join(table)) and "peak_rss_mb" in res["meta"]
+    capsys.readouterr()
+    again = ex.main(table[:-len(common)] + ["--model", tiny_model_dir, "--report-only"])  # no forwards
+    assert [again[k] for k in ("records", "rows", "paired")] == [res[k] for k in ("records", "rows", "paired")]
+    assert again["meta"]["command"] == res["meta"]["command"]
+    assert "--report-only" in again["meta"]["report_command"]
+    with pytest.raises(SystemExit, match="other layer factors"):
+        ex.main(["table", "--factors", "profile", "--out", prefix, "--model", tiny_model_dir,
+                 "--report-only"])
