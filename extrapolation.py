@@ -34,7 +34,7 @@ import torch
 
 import layer_rope as lr
 
-PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+PASSKEY_FILLER = lr.FILLER  # the classic grass/sky filler, shared with the long-range KV task
 PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
                  "them. I will quiz you about the important information there.")
 PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."

@@ -1642,7 +1642,7 @@ def _common_args(c):
     c.add_argument("--pairs", type=int, default=20, help="key-value pairs per generated prompt")
     c.add_argument("--positions", type=int, default=5, help="gold positions, spread from first to last")
     c.add_argument("--filler", type=int, default=0, help="long-range prompts: filler paragraphs per pair")
-    c.add_argument("--batch-size", type=int, default=8)
+    c.add_argument("--batch-size", type=int, default=16, help="prompts per forward")
     c.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
     c.add_argument("--weights", type=_weights_arg, default="uniform",
                    help="gold position weights: uniform, middle, or one number per position")

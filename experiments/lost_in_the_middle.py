@@ -1,0 +1,168 @@
+"""
+The paper's lost-in-the-middle experiment at the paper's scale on one model, against Ms-PoE.
+
+    python experiments/lost_in_the_middle.py short              # run, or resume, the short task
+    python experiments/lost_in_the_middle.py long --filler 3    # the long-range task
+    python experiments/lost_in_the_middle.py short --report-only
+
+Every step is skipped when its output exists, and each GA search resumes from its checkpoint, so the
+same command continues a killed run. Under OUT (results/lim-<task>/ by default):
+  1. search-<run>.json   one GA search each (`python layer_rope.py search ... --heldout-samples 0`:
+                         bfloat16 where the device has it, racing, finalists re-scored in float32)
+  2. uniform.json        the best uniform factor on the search set
+  3. rows/<row>.json     each row scored on the one held-out set in float32, paired against no scaling
+  4. table.md, summary.json, accuracy.png
+Search and held-out prompts come from different seeds (checked disjoint); every row of a task is scored
+on the same held-out prompts.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import baselines  # noqa: E402
+import layer_rope as lr  # noqa: E402
+
+TASKS = {  # search/held-out prompts per gold position, GA population x generations, GA runs
+    "short": dict(filler=0, search=20, heldout=100, population=20, generations=11,
+                  runs={"ga-middle-seed0": ["--weights", "middle", "--seed", "0"],
+                        "ga-middle-seed1": ["--weights", "middle", "--seed", "1"],
+                        "ga-middle-seed2": ["--weights", "middle", "--seed", "2"],
+                        "ga-unweighted-seed0": ["--weights", "uniform", "--seed", "0"],
+                        "linear-middle-seed0": ["--weights", "middle", "--seed", "0", "--curve", "linear"],
+                        "step-middle-seed0": ["--weights", "middle", "--seed", "0", "--curve", "step"]}),
+    "smoke": dict(filler=0, search=1, heldout=1, population=3, generations=2,  # checks the pipeline in ~2 min
+                  runs={"ga-middle-seed0": ["--weights", "middle", "--seed", "0", "--scan-samples", "1"]}),
+    "long": dict(filler=3, search=10, heldout=50, population=12, generations=10,
+                 runs={"ga-middle-seed0": ["--weights", "middle", "--seed", "0"]}),
+}
+UNIFORM = [1.05, 1.1, 1.25, 1.5, 2.0]
+
+
+def search(name, flags, task, args):
+    out = os.path.join(args.out, f"search-{name}.json")
+    if not os.path.exists(out):
+        cmd = [sys.executable, os.path.join(ROOT, "layer_rope.py"), "search", "--out", out, "--no-progress",
+               "--filler", str(task["filler"]), "--search-samples", str(task["search"]), "--heldout-samples", "0",
+               "--population", str(task["population"]), "--generations", str(task["generations"]),
+               "--batch-size", str(args.batch_size), "--device", args.device, *flags]
+        print("$", " ".join(cmd[1:]), flush=True)
+        subprocess.run(cmd, check=True)
+    return lr.load_factors(out, with_metadata=True)
+
+
+def score(path, model, tok, held, factors=None, mspoe=None, baseline=None, batch_size=8):
+    """One held-out row, cached in `path`: kv_fitness JSON plus the paired comparison to `baseline`."""
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    started = time.time()
+    if mspoe is None:
+        fit = lr.kv_fitness(model, tok, held, factors, batch_size=batch_size)
+    else:
+        with baselines.mspoe(model, order=mspoe):
+            fit = lr.kv_fitness(model, tok, held, None, batch_size=batch_size)
+    row = dict(fit.to_json(), seconds=round(time.time() - started, 1))
+    if baseline is not None:
+        base = lr.KVFitness(**{k: baseline[k] for k in ("fitness", "mean_accuracy", "n", "token_prob", "gold_index",
+                                                         "correct", "logprobs")}, accuracy={}, logprob={})
+        row["vs_baseline"] = lr.paired_comparison(fit, base)
+    lr.write_json(path, row)
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("task", choices=sorted(TASKS))
+    ap.add_argument("--filler", type=int, default=None, help="long task: filler paragraphs per pair")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args()
+    task = dict(TASKS[args.task])
+    task["filler"] = task["filler"] if args.filler is None else args.filler
+    args.out = args.out or os.path.join(ROOT, "results", f"lim-{args.task}")
+    os.makedirs(os.path.join(args.out, "rows"), exist_ok=True)
+    search_set = lr.kv_sets(20, 5, task["search"], 1, filler=task["filler"])
+    held = lr.kv_sets(20, 5, task["heldout"], 2, filler=task["filler"])
+    lr.check_disjoint(search_set, held)
+
+    model, tok = lr.load_model(None, "float32", args.device)
+    layers = lr.num_layers(model)
+    upath = os.path.join(args.out, "uniform.json")
+    if not os.path.exists(upath) and not args.report_only:
+        fit = {u: lr.kv_fitness(model, tok, search_set, [u] * layers, batch_size=args.batch_size).fitness
+               for u in UNIFORM}
+        lr.write_json(upath, {"search_set_fitness": {str(u): f for u, f in fit.items()},
+                              "best": max(UNIFORM, key=lambda u: (fit[u], -u))})
+    best_u = json.load(open(upath))["best"]
+    rows_dir = os.path.join(args.out, "rows")
+    rows = {"no scaling": score(os.path.join(rows_dir, "none.json"), model, tok, held, batch_size=args.batch_size)}
+    plan = {f"uniform x{best_u:g}": dict(factors=[best_u] * layers),
+            "linear ramp 1..2": dict(factors=lr.linear_factors([1.0, 2.0], layers)),
+            "Ms-PoE (score order)": dict(mspoe="score"), "Ms-PoE (fixed order)": dict(mspoe="fixed")}
+    plan.update({name: dict(run=flags) for name, flags in task["runs"].items()})
+    searched = {}
+    for name, how in plan.items():  # baselines first, then each GA run followed by its held-out row
+        file = os.path.join(rows_dir, name.replace(" ", "_").replace("/", "-") + ".json")
+        if "run" in how:
+            done = os.path.exists(os.path.join(args.out, f"search-{name}.json"))
+            if args.report_only and not done:
+                continue
+            searched[name] = search(name, how.pop("run"), task, args)
+            how["factors"] = searched[name][0]
+        if args.report_only and not os.path.exists(file):
+            continue
+        rows[name] = score(file, model, tok, held, baseline=rows["no scaling"], batch_size=args.batch_size, **how)
+        print(f"{name}: {rows[name]['mean_accuracy']:.3f}", flush=True)
+        report(args, task, rows, searched, held)
+    report(args, task, rows, searched, held)
+
+
+def report(args, task, rows, searched, held):
+    positions = sorted(rows["no scaling"]["accuracy"], key=int)
+    middle = positions[1:-1]
+    table = []
+    for name, r in rows.items():
+        vs = r.get("vs_baseline")
+        table.append([name, *(f"{r['accuracy'][p]:.2f} [{r['accuracy_ci95'][p][0]:.2f}, {r['accuracy_ci95'][p][1]:.2f}]"
+                              for p in positions), f"{r['mean_accuracy']:.3f}",
+                      f"{sum(r['accuracy'][p] for p in middle) / len(middle):.3f}",
+                      "-" if not vs else f"{vs['difference']:+.3f} [{vs['ci95'][0]:+.3f}, {vs['ci95'][1]:+.3f}]",
+                      "-" if not vs else f"{vs['mcnemar_p']:.3g}"])
+    n = len(held) // len(positions)
+    text = lr.markdown_table(["row", *(f"pos {p}" for p in positions), "mean", "middle mean", "vs none (paired)",
+                              "McNemar p"], table)
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write(f"{n} held-out prompts per gold position (seed 2), filler {task['filler']}; accuracy [95% Wilson]\n\n"
+                + text + "\n")
+    lr.write_json(os.path.join(args.out, "summary.json"), {
+        "task": task, **lr.run_info(args.device, "float32 (held-out)"), "rows": {
+            k: {x: v[x] for x in ("accuracy", "accuracy_ci95", "mean_accuracy", "vs_baseline", "seconds") if x in v}
+            for k, v in rows.items()},
+        "searches": {k: {"control_points": doc.get("control_points"), "factors": f, "frozen": doc.get("frozen"),
+                         "finalists": doc.get("finalists"), "racing": doc.get("racing"), "timings_s": doc.get("timings_s"),
+                         "command": doc.get("command")} for k, (f, doc) in searched.items()}}, indent=1)
+    fig, ax = lr.figure(figsize=(9, 4.5))
+    for j, (name, r) in enumerate(rows.items()):
+        acc = [r["accuracy"][p] for p in positions]
+        lo = [a - r["accuracy_ci95"][p][0] for a, p in zip(acc, positions)]
+        hi = [r["accuracy_ci95"][p][1] - a for a, p in zip(acc, positions)]
+        ax.errorbar([int(p) + 0.1 * (j - len(rows) / 2) for p in positions], acc, yerr=[lo, hi], marker="o",
+                    capsize=2, label=name, lw=1)
+    ax.set(xlabel="gold pair index", ylabel="held-out accuracy (95% Wilson)", ylim=(-0.02, 1.02),
+           title=f"SmolLM2-135M, {args.task} task: {n} held-out prompts per position")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, "accuracy.png"), dpi=120)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
