@@ -108,7 +108,7 @@ def rope_decay(dim: int, base: float = 10000.0, factor: float = 1.0, max_distanc
 # decoder layer receives them as `position_embeddings`. We leave transformers' code alone and add
 # hooks: a forward hook on each rotary module notes its call (positions, dtype, layer type), and a
 # pre-hook on each decoder layer replaces that layer's `position_embeddings` with RoPE at positions
-# m / s_l (`_scale_layer_positions`, the method in one function). cos/sin are made from the module's
+# m / s_l (`scale_layer_positions`, the method in one function). cos/sin are made from the module's
 # own inv_freq (after any dynamic update) and attention_scaling, so the patch composes with every
 # rope_type (PI, Dynamic-NTK, YaRN, LongRoPE, llama3); a factor of 1.0 passes the module's tensors on.
 
@@ -205,13 +205,13 @@ class LayerRopeHandle:
                                        call.get("layer_type"), {}))
 
 
-def _scale_layer_positions(handle: LayerRopeHandle, layer_idx: int, layer, args, kwargs):
+def scale_layer_positions(handle: LayerRopeHandle, layer_idx: int, layer, args, kwargs):
     """THE METHOD: decoder layer l receives RoPE at positions m / s_l instead of m.
 
     A pre-hook on each layer: finds the rotary call that produced this layer's `position_embeddings`
     (by tensor identity, which also tells the local and global RoPEs of Gemma 3 apart) and replaces them
     with cos/sin of the same module, positions divided by the layer's factor. Computed once per pass per
-    distinct factor, freed after the last layer that uses it (30 pairs at 16k tokens are ~0.5 GB).
+    distinct factor, and freed after the last layer that uses it, so long inputs do not pile them up.
     """
     factor = handle.factors[layer_idx]
     if factor == 1.0:
@@ -284,7 +284,7 @@ def apply(model, factors) -> LayerRopeHandle:
     handle = LayerRopeHandle(model, factors)
     hooks = [decoder.register_forward_pre_hook(handle._forget_pass), decoder.register_forward_hook(handle._forget_pass)]
     hooks += [r.register_forward_hook(handle._record_rotary_call, with_kwargs=True) for r in rotaries]
-    hooks += [layer.register_forward_pre_hook(functools.partial(_scale_layer_positions, handle, i), with_kwargs=True)
+    hooks += [layer.register_forward_pre_hook(functools.partial(scale_layer_positions, handle, i), with_kwargs=True)
               for i, layer in enumerate(layers)]
     handle._hooks.extend(hooks)
     model._layer_rope_handle = handle
@@ -380,7 +380,7 @@ def _layer_depths(num_layers: int) -> np.ndarray:
     return np.linspace(0.0, 1.0, int(num_layers))
 
 
-def _solve_bezier_x(x_points: np.ndarray, u: np.ndarray) -> np.ndarray:
+def solve_bezier_x(x_points: np.ndarray, u: np.ndarray) -> np.ndarray:
     """t* with x(t*) = u for a Bezier x(t) whose control x are non-decreasing (so x(t) is too).
 
     Bisection: 60 halvings of [0, 1] leave |t - t*| < 1e-18.
@@ -404,7 +404,7 @@ def layer_factors(points, num_layers: int) -> list[float]:
     if P.ndim == 1:
         y, t = P, u
     else:
-        y, t = P[:, 1], _solve_bezier_x(P[:, 0], u)
+        y, t = P[:, 1], solve_bezier_x(P[:, 0], u)
         t[u == 0.0], t[u == 1.0] = 0.0, 1.0  # the curve passes exactly through its end points
     # The curve lies in the convex hull of its control points: clipping to [min y, max y] removes only
     # rounding, so equal control values (all 1.0, say) give exactly that value.
@@ -1298,6 +1298,11 @@ def _init_worker(devices) -> None:
     _WORKER_DEVICE.append(devices.get())
 
 
+def worker_device(default: str = "cpu") -> str:
+    """The device worker_pool gave this process, or `default` outside such a pool."""
+    return _WORKER_DEVICE[0] if _WORKER_DEVICE else default
+
+
 @dataclasses.dataclass
 class KVObjective:
     """Picklable fitness for `genetic_search`: factors -> kv_fitness on fixed prompts, with racing (`bar`).
@@ -1316,8 +1321,7 @@ class KVObjective:
     batch_size: int = 8
 
     def __call__(self, factors, bar: float | None = None) -> KVFitness:
-        device = _WORKER_DEVICE[0] if _WORKER_DEVICE else self.device
-        model, tok = cached_model(self.model_path, device, self.dtype)
+        model, tok = cached_model(self.model_path, worker_device(self.device), self.dtype)
         return kv_fitness(model, tok, self.examples, factors, self.weights, self.chat, self.batch_size,
                           self.objective, bar)
 

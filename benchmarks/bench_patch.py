@@ -62,7 +62,7 @@ def run_variant(model, name, fn):
     factors = VARIANTS[name]
     if factors is None:
         return fn()
-    inner = lr._scale_layer_positions
+    inner = lr.scale_layer_positions
 
     def timed(*a, **k):  # apply() binds the layer pre-hook to the function it finds at apply time
         t = time.perf_counter()
@@ -71,9 +71,9 @@ def run_variant(model, name, fn):
         finally:
             HOOK["spent"] += time.perf_counter() - t
 
-    lr._scale_layer_positions = timed
+    lr.scale_layer_positions = timed
     handle = lr.apply(model, factors)
-    lr._scale_layer_positions = inner
+    lr.scale_layer_positions = inner
     try:
         return fn()
     finally:

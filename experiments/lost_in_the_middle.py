@@ -2,7 +2,7 @@
 The paper's lost-in-the-middle experiment at the paper's scale on one model, against Ms-PoE.
 
     python experiments/lost_in_the_middle.py short              # run, or resume, the short task
-    python experiments/lost_in_the_middle.py long --filler 3    # the long-range task
+    python experiments/lost_in_the_middle.py long               # the long-range task (--filler 1)
     python experiments/lost_in_the_middle.py short --report-only
 
 Every step is skipped when its output exists, and each GA search resumes from its checkpoint, so the
@@ -38,7 +38,7 @@ TASKS = {  # search/held-out prompts per gold position, GA population x generati
                         "step-middle-seed0": ["--weights", "middle", "--seed", "0", "--curve", "step"]}),
     "smoke": dict(filler=0, search=1, heldout=1, population=3, generations=2,  # checks the pipeline in ~2 min
                   runs={"ga-middle-seed0": ["--weights", "middle", "--seed", "0", "--scan-samples", "1"]}),
-    "long": dict(filler=3, search=10, heldout=50, population=12, generations=10,
+    "long": dict(filler=1, search=10, heldout=50, population=12, generations=10,
                  runs={"ga-middle-seed0": ["--weights", "middle", "--seed", "0"]}),
 }
 UNIFORM = [1.05, 1.1, 1.25, 1.5, 2.0]

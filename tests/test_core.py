@@ -81,7 +81,7 @@ def test_layer_factors_2d_solves_for_depth():
     P = np.array([[0.0, 1.0], [0.1, 2.0], [0.9, 1.0], [1.0, 1.5]])
     L = 30
     f = lr.layer_factors(P, L)
-    t = lr._solve_bezier_x(P[:, 0], np.linspace(0, 1, L))
+    t = lr.solve_bezier_x(P[:, 0], np.linspace(0, 1, L))
     np.testing.assert_allclose(lr.bezier(P[:, 0], t), np.linspace(0, 1, L), atol=1e-9)
     np.testing.assert_allclose(f, lr.bezier(P[:, 1], t), atol=1e-12)
     assert f[0] == 1.0 and f[-1] == 1.5

@@ -174,7 +174,7 @@ def test_worker_pool_gives_each_worker_a_device():
 
 
 def _worker_device(_):
-    return lr._WORKER_DEVICE[0]
+    return lr.worker_device(default="not in a pool")
 
 
 def test_ray_pool_gives_the_same_result():
