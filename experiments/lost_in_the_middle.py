@@ -31,6 +31,8 @@ import layer_rope as lr  # noqa: E402
 TASKS = {  # search/held-out prompts per gold position, GA population x generations, GA runs
     "short": dict(filler=0, search=20, heldout=100, population=20, generations=11,
                   runs={"ga-middle-seed0": ["--weights", "middle", "--seed", "0"],
+                        # the same search scoring every candidate on every prompt: what racing changed
+                        "ga-middle-seed0-no-race": ["--weights", "middle", "--seed", "0", "--no-race"],
                         "ga-middle-seed1": ["--weights", "middle", "--seed", "1"],
                         "ga-middle-seed2": ["--weights", "middle", "--seed", "2"],
                         "ga-unweighted-seed0": ["--weights", "uniform", "--seed", "0"],
