@@ -1395,20 +1395,21 @@ def run_info(device="cpu", dtype=torch.float32, argv: Sequence[str] | None = Non
 # factor, a linear ramp and the GA's factors, each with 95% intervals and paired against no scaling.
 
 
-def kv_report(rows: dict, baseline: str | None = "no scaling") -> str:
-    """Markdown table of KVFitness JSONs: accuracy [95% Wilson interval] per gold position, mean, and the
-    paired difference to the `baseline` row (bootstrap interval, exact McNemar p) where it is given."""
-    positions = sorted(next(iter(rows.values()))["accuracy"], key=int)
+def kv_report(rows: dict, baseline: str = "no scaling") -> str:
+    """Markdown table of KVFitness JSONs: accuracy [95% Wilson interval] per gold position, the mean, the
+    mean over the middle positions, and the paired difference to `baseline` (bootstrap interval, exact
+    McNemar p) for rows that carry one ("vs_baseline")."""
+    first = next(iter(rows.values()))
+    positions = sorted(first["accuracy"], key=int)
+    n = {p: sum(g == int(p) for g in first["gold_index"]) for p in positions}
     table = []
     for name, r in rows.items():
-        cells = [f"{r['accuracy'][p]:.2f} [{r['accuracy_ci95'][p][0]:.2f}, {r['accuracy_ci95'][p][1]:.2f}]"
-                 for p in positions]
-        vs = r.get("vs_baseline")
-        table.append([name, *cells, f"{r['mean_accuracy']:.3f}",
+        vs, acc, ci = r.get("vs_baseline"), r["accuracy"], r["accuracy_ci95"]
+        table.append([name, *(f"{acc[p]:.2f} [{ci[p][0]:.2f}, {ci[p][1]:.2f}]" for p in positions),
+                      f"{r['mean_accuracy']:.3f}", f"{np.mean([acc[p] for p in positions[1:-1]] or [np.nan]):.3f}",
                       "-" if not vs else f"{vs['difference']:+.3f} [{vs['ci95'][0]:+.3f}, {vs['ci95'][1]:+.3f}], "
                                          f"p={vs['mcnemar_p']:.3g}"])
-    n = {p: sum(g == int(p) for g in next(iter(rows.values()))["gold_index"]) for p in positions}
-    return markdown_table(["factors", *(f"pos {p} (n={n[p]})" for p in positions), "mean",
+    return markdown_table(["factors", *(f"pos {p} (n={n[p]})" for p in positions), "mean", "middle mean",
                            f"vs {baseline} (paired)"], table)
 
 

@@ -129,18 +129,8 @@ def main():
 
 def report(args, task, rows, searched, held):
     positions = sorted(rows["no scaling"]["accuracy"], key=int)
-    middle = positions[1:-1]
-    table = []
-    for name, r in rows.items():
-        vs = r.get("vs_baseline")
-        table.append([name, *(f"{r['accuracy'][p]:.2f} [{r['accuracy_ci95'][p][0]:.2f}, {r['accuracy_ci95'][p][1]:.2f}]"
-                              for p in positions), f"{r['mean_accuracy']:.3f}",
-                      f"{sum(r['accuracy'][p] for p in middle) / len(middle):.3f}",
-                      "-" if not vs else f"{vs['difference']:+.3f} [{vs['ci95'][0]:+.3f}, {vs['ci95'][1]:+.3f}]",
-                      "-" if not vs else f"{vs['mcnemar_p']:.3g}"])
     n = len(held) // len(positions)
-    text = lr.markdown_table(["row", *(f"pos {p}" for p in positions), "mean", "middle mean", "vs none (paired)",
-                              "McNemar p"], table)
+    text = lr.kv_report(rows)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(f"{n} held-out prompts per gold position (seed 2), filler {task['filler']}; accuracy [95% Wilson]\n\n"
                 + text + "\n")
@@ -151,18 +141,9 @@ def report(args, task, rows, searched, held):
         "searches": {k: {"control_points": doc.get("control_points"), "factors": f, "frozen": doc.get("frozen"),
                          "finalists": doc.get("finalists"), "racing": doc.get("racing"), "timings_s": doc.get("timings_s"),
                          "command": doc.get("command")} for k, (f, doc) in searched.items()}}, indent=1)
-    fig, ax = lr.figure(figsize=(9, 4.5))
-    for j, (name, r) in enumerate(rows.items()):
-        acc = [r["accuracy"][p] for p in positions]
-        lo = [a - r["accuracy_ci95"][p][0] for a, p in zip(acc, positions)]
-        hi = [r["accuracy_ci95"][p][1] - a for a, p in zip(acc, positions)]
-        ax.errorbar([int(p) + 0.1 * (j - len(rows) / 2) for p in positions], acc, yerr=[lo, hi], marker="o",
-                    capsize=2, label=name, lw=1)
-    ax.set(xlabel="gold pair index", ylabel="held-out accuracy (95% Wilson)", ylim=(-0.02, 1.02),
-           title=f"SmolLM2-135M, {args.task} task: {n} held-out prompts per position")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "accuracy.png"), dpi=120)
+    factor_sets = {name: f for name, (f, _) in searched.items()}
+    lr.plot_kv(os.path.join(args.out, "accuracy.png"), rows, factor_sets,
+               f"SmolLM2-135M, {args.task} task (filler {task['filler']}): {n} held-out prompts per position")
     print(text)
 
 
