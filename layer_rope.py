@@ -1685,8 +1685,8 @@ def _parser():
     s.add_argument("--freeze", type=_freeze_arg, default="auto", help="'auto' (layer scan), 'none', or e.g. 16,17")
     s.add_argument("--curve", default="bezier", choices=sorted(CURVES))
     s.add_argument("--uniform", default="1.25,1.5,2.0", help="uniform factors tried for the 'best uniform' row")
-    s.add_argument("--race", action=argparse.BooleanOptionalAction, default=True,
-                   help="stop scoring a candidate once it cannot reach the elite")
+    s.add_argument("--race", action=argparse.BooleanOptionalAction, default=False,
+                   help="stop scoring a candidate once it cannot reach the elite (off by default: see README)")
     s.add_argument("--heldout-dtype", choices=sorted(DTYPES), default="float32")
     s.add_argument("--synthetic", action="store_true", help="no model: GA on synthetic_fitness (tests)")
     s.add_argument("--eval-log", default=None, help="append each --synthetic evaluation to this file")
