@@ -31,13 +31,13 @@ import layer_rope as lr  # noqa: E402
 TASKS = {  # search/held-out prompts per gold position, GA population x generations, GA runs
     "short": dict(filler=0, search=20, heldout=100, population=20, generations=11,
                   runs={"ga-middle-seed0": ["--weights", "middle", "--seed", "0"],
-                        # the same search with racing: what racing saves and changes where most are hopeless
-                        "ga-middle-seed0-race": ["--weights", "middle", "--seed", "0", "--race"],
                         "ga-middle-seed1": ["--weights", "middle", "--seed", "1"],
                         "ga-middle-seed2": ["--weights", "middle", "--seed", "2"],
-                        "ga-unweighted-seed0": ["--weights", "uniform", "--seed", "0"],
                         "linear-middle-seed0": ["--weights", "middle", "--seed", "0", "--curve", "linear"],
-                        "step-middle-seed0": ["--weights", "middle", "--seed", "0", "--curve", "step"]}),
+                        "step-middle-seed0": ["--weights", "middle", "--seed", "0", "--curve", "step"],
+                        "ga-unweighted-seed0": ["--weights", "uniform", "--seed", "0"],
+                        # the same search with racing: what racing saves and changes where most are hopeless
+                        "ga-middle-seed0-race": ["--weights", "middle", "--seed", "0", "--race"]}),
     "smoke": dict(filler=0, search=1, heldout=1, population=3, generations=2,  # checks the pipeline in ~2 min
                   runs={"ga-middle-seed0": ["--weights", "middle", "--seed", "0", "--scan-samples", "1"]}),
     "long": dict(filler=1, search=10, heldout=50, population=12, generations=10,  # seed 0 ran with racing
