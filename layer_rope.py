@@ -740,6 +740,15 @@ class KVFitness:
             out[p] = wilson_interval(sum(hits), len(hits))
         return out
 
+    @classmethod
+    def from_json(cls, doc: dict) -> "KVFitness":
+        """The inverse of to_json (gold indices back to ints; the intervals are recomputed, not read)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        doc = {k: v for k, v in doc.items() if k in fields}
+        for k in ("accuracy", "logprob"):
+            doc[k] = {int(p): v for p, v in doc[k].items()}
+        return cls(**doc)
+
     def to_json(self) -> dict:
         return {"fitness": self.fitness, "mean_accuracy": self.mean_accuracy, "n": self.n,
                 "token_prob": self.token_prob, "complete": self.complete,
@@ -807,18 +816,22 @@ def kv_fitness(model, tok, examples: Sequence[KVExample], factors=None, weights=
     w = position_weights(list(n_at), weights)
     if bar is None:
         order, chunks = list(range(len(examples))), [len(examples)]
-    else:  # interleave the gold indices so that every prefix of the order covers them evenly
-        by_rank = sorted(range(len(examples)), key=lambda i: ([e.gold_index for e in examples[:i]].count(
-            examples[i].gold_index), examples[i].gold_index))
-        order, chunks = by_rank, [batch_size] * math.ceil(len(examples) / batch_size)
-    scores, done, value, bound, complete = [], [], -math.inf, math.inf, False
+    else:  # interleave the gold indices: the k-th prompt of every gold index, then the (k+1)-th, ...
+        seen, rank = dict.fromkeys(n_at, 0), []
+        for ex in examples:
+            rank.append((seen[ex.gold_index], ex.gold_index))
+            seen[ex.gold_index] += 1
+        order = sorted(range(len(examples)), key=rank.__getitem__)
+        chunks = [batch_size] * math.ceil(len(examples) / batch_size)
+    scores, done = [], []
     for size in chunks:
         idx = order[len(done):len(done) + size]
         scores += score_kv(model, tok, [examples[i] for i in idx], chat, batch_size)
         done += idx
-        value, bound, complete = _summarise([examples[i].gold_index for i in done], scores, n_at, w, objective)
-        if bar is not None and not complete and bound < bar:
-            break
+        if bar is not None and len(done) < len(examples):
+            _, bound, _ = _summarise([examples[i].gold_index for i in done], scores, n_at, w, objective)
+            if bound < bar:
+                break
     done, scores = zip(*sorted(zip(done, scores), key=lambda pair: pair[0]))  # back to input order
     golds = [examples[i].gold_index for i in done]
     value, bound, complete = _summarise(golds, scores, n_at, w, objective)
@@ -1512,6 +1525,25 @@ def _rescore_finalists(args, model, tok, search, res: GAResult, cfg: GAConfig, r
     return chosen
 
 
+def _heldout_rows(args, model, tok, search, held, factors, freeze, record, step) -> tuple[dict, dict]:
+    """The held-out rows (no scaling, the best uniform factor on the search set, a linear ramp, the GA's
+    factors), each paired against no scaling; recorded in `record`. Returns (rows, factor settings)."""
+    kw, layers = _fitness_kw(args), len(factors)
+    uniform = [float(v) for v in args.uniform.split(",")]
+    ufit = {u: kv_fitness(model, tok, search, [u] * layers, **kw).fitness for u in uniform}
+    best_u = max(uniform, key=lambda u: (ufit[u], -u))
+    step("uniform factors (search set)")
+    settings = {"no scaling": [1.0] * layers, f"uniform x{best_u:g}": [best_u] * layers,
+                f"linear ramp 1..{args.factor_max:g}": linear_factors([1.0, args.factor_max], layers),
+                "GA " + args.curve + (f" (frozen {freeze})" if freeze else ""): factors}
+    heldout = evaluate_rows(model, tok, held, settings, **kw)
+    step("held-out evaluation")
+    record.update(uniform_search_fitness={str(u): f for u, f in ufit.items()}, best_uniform=best_u,
+                  heldout={"seed": args.heldout_seed, "per_position": args.heldout_samples, "dtype": args.heldout_dtype,
+                           "results": heldout}, heldout_factors=settings)
+    return heldout, settings
+
+
 def cmd_search(args) -> dict:
     """`python layer_rope.py search`: see the section comment; writes OUT (factors JSON) and OUT's .png."""
     started, timings = time.time(), {}
@@ -1564,18 +1596,8 @@ def cmd_search(args) -> dict:
     if not held:  # --heldout-samples 0: the search alone (an experiment judges several runs on one set)
         save_factors(args.out, factors, control_points=control_points(chosen, cfg), **record, timings_s=timings)
         return record
-    uniform = [float(v) for v in args.uniform.split(",")]
-    ufit = {u: kv_fitness(model, tok, search, [u] * layers, **kw).fitness for u in uniform}
-    best_u = max(uniform, key=lambda u: (ufit[u], -u))
-    step("uniform factors (search set)")
-    settings = {"no scaling": [1.0] * layers, f"uniform x{best_u:g}": [best_u] * layers,
-                f"linear ramp 1..{args.factor_max:g}": linear_factors([1.0, args.factor_max], layers),
-                "GA " + args.curve + (f" (frozen {freeze})" if freeze else ""): factors}
-    heldout = evaluate_rows(model, tok, held, settings, **kw)
-    step("held-out evaluation")
-    record.update(timings_s=timings, uniform_search_fitness={str(u): f for u, f in ufit.items()}, best_uniform=best_u,
-                  heldout={"seed": args.heldout_seed, "per_position": args.heldout_samples, "dtype": args.heldout_dtype,
-                           "results": heldout}, heldout_factors=settings, wall_s=round(time.time() - started, 1))
+    heldout, settings = _heldout_rows(args, model, tok, search, held, factors, freeze, record, step)
+    record.update(timings_s=timings, wall_s=round(time.time() - started, 1))
     save_factors(args.out, factors, control_points=control_points(chosen, cfg), **record)
     print(kv_report(heldout))
     plot_kv(f"{os.path.splitext(args.out)[0]}.png", heldout, settings, f"{args.model or 'embedded model'}; "

@@ -72,9 +72,7 @@ def score(path, model, tok, held, factors=None, mspoe=None, baseline=None, batch
             fit = lr.kv_fitness(model, tok, held, None, batch_size=batch_size)
     row = dict(fit.to_json(), seconds=round(time.time() - started, 1))
     if baseline is not None:
-        base = lr.KVFitness(**{k: baseline[k] for k in ("fitness", "mean_accuracy", "n", "token_prob", "gold_index",
-                                                         "correct", "logprobs")}, accuracy={}, logprob={})
-        row["vs_baseline"] = lr.paired_comparison(fit, base)
+        row["vs_baseline"] = lr.paired_comparison(fit, lr.KVFitness.from_json(baseline))
     lr.write_json(path, row)
     return row
 

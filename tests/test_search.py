@@ -79,6 +79,8 @@ def test_racing_stops_early_and_bounds_the_full_fitness(tok, prompts):
         assert not raced.complete and raced.n < full.n
         assert full.fitness <= raced.fitness < bar  # an upper bound of the full fitness, below the bar
         assert sorted(set(raced.gold_index)) == [0, 2, 4]  # the first batch already covers every position
+        for fit in (full, raced):  # a row written to JSON reads back as the same score (the experiment's rows)
+            assert lr.KVFitness.from_json(json.loads(json.dumps(fit.to_json()))) == fit
 
 
 def test_weights_and_objectives(tok, prompts):
