@@ -1689,7 +1689,7 @@ def _parser():
                 "sensitivity": "fitness with one layer at a time scaled"}
     p = {name: _common_args(sub.add_parser(name, help=text)) for name, text in commands.items()}
     s = p["search"]
-    s.add_argument("--out", default=os.path.join("results", "smollm2-135m-kv.json"), help="factors JSON to write")
+    s.add_argument("--out", default=os.path.join("results", "default-search-kv.json"), help="factors JSON to write")
     s.add_argument("--restart", action="store_true", help="delete an existing checkpoint (OUT.ckpt.json) first")
     s.add_argument("--quick", action="store_true", help="tiny settings for a ~2 minute smoke test")
     for name, default, text in [("search-samples", 4, "search prompts per gold position"),

@@ -4,7 +4,7 @@ import json, os, sys, time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import layer_rope as lr  # noqa: E402
 t0 = time.time()
-_, doc = lr.load_factors("results/smollm2-135m-kv.json", with_metadata=True)
+_, doc = lr.load_factors("results/default-search-kv.json", with_metadata=True)
 ga = doc["ga"]
 cfg_b = lr.GAConfig(**{**ga, "freeze": tuple(ga["freeze"])})
 cfg_a = lr.GAConfig(**{**ga, "freeze": ()})
@@ -24,4 +24,4 @@ json.dump({"what": "GA initial population (random cubic Beziers, seed %d) scored
            "(no frozen layers) and (b) (layers %s frozen at 1.0); and the GA-found curve on the held-out set "
            "without its frozen layers" % (ga["seed"], ga["freeze"]), "initial_population": rows,
            "ga_best_unfrozen_heldout": ha, "wall_s": time.time() - t0},
-          open("results/smollm2-135m-kv-space-a.json", "w"), indent=1)
+          open("results/default-search-kv-space-a.json", "w"), indent=1)
