@@ -282,7 +282,8 @@ def apply(model, factors) -> LayerRopeHandle:
         _check_rotary(rotary)
 
     handle = LayerRopeHandle(model, factors)
-    hooks = [decoder.register_forward_pre_hook(handle._forget_pass), decoder.register_forward_hook(handle._forget_pass)]
+    hooks = [decoder.register_forward_pre_hook(handle._forget_pass),
+             decoder.register_forward_hook(handle._forget_pass)]
     hooks += [r.register_forward_hook(handle._record_rotary_call, with_kwargs=True) for r in rotaries]
     hooks += [layer.register_forward_pre_hook(functools.partial(scale_layer_positions, handle, i), with_kwargs=True)
               for i, layer in enumerate(layers)]
@@ -428,7 +429,8 @@ def step_factors(points, num_layers: int) -> list[float]:
     return y[np.searchsorted(x, _layer_depths(num_layers), side="right") - 1].tolist()
 
 
-CURVES: dict[str, Callable[..., list[float]]] = {"bezier": layer_factors, "linear": linear_factors, "step": step_factors}
+CURVES: dict[str, Callable[..., list[float]]] = {"bezier": layer_factors, "linear": linear_factors,
+                                                 "step": step_factors}
 
 
 # -----------------------------------------------------------------------------
@@ -492,7 +494,8 @@ class KVExample:
     filler: int = 0
 
     def __post_init__(self):
-        if not 0 <= self.gold_index < len(self.records) or tuple(self.records[self.gold_index]) != (self.key, self.value):
+        in_range = 0 <= self.gold_index < len(self.records)
+        if not in_range or tuple(self.records[self.gold_index]) != (self.key, self.value):
             raise ValueError(f"gold pair {(self.key, self.value)!r} is not at index {self.gold_index}")
 
     @property
@@ -561,8 +564,10 @@ def make_kv_examples(n: int, num_pairs: int = 20, gold_index: int = 0, key_style
     Example i depends only on (seed, i, num_pairs, styles), not on gold_index: the same records with the
     gold pair moved, so accuracy differences across gold positions are not sampling noise between sets.
     """
-    n, num_pairs, digits = _check_int("n", n, 0), _check_int("num_pairs", num_pairs, 1), _check_int("digits", digits, 1)
-    seed, filler, gold_index = _check_int("seed", seed, 0), _check_int("filler", filler, 0), _check_int("gold_index", gold_index)
+    n, num_pairs = _check_int("n", n, 0), _check_int("num_pairs", num_pairs, 1)
+    digits, seed = _check_int("digits", digits, 1), _check_int("seed", seed, 0)
+    filler = _check_int("filler", filler, 0)
+    gold_index = _check_int("gold_index", gold_index)
     if key_style not in KEY_STYLES or value_style not in VALUE_STYLES:
         raise ValueError(f"key_style must be one of {KEY_STYLES} and value_style one of {VALUE_STYLES}, "
                          f"got {key_style!r}, {value_style!r}")
@@ -855,7 +860,7 @@ def paired_comparison(a: KVFitness, b: KVFitness, resamples: int = 10000, seed: 
     boot = diff[np.random.default_rng(seed).integers(0, len(diff), (resamples, len(diff)))].mean(axis=1)
     only_a, only_b = int(np.sum(diff > 0)), int(np.sum(diff < 0))
     p = binomtest(only_a, only_a + only_b).pvalue if only_a + only_b else 1.0
-    return {"difference": float(diff.mean()), "ci95": [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))],
+    return {"difference": float(diff.mean()), "ci95": [float(q) for q in np.quantile(boot, [0.025, 0.975])],
             "only_a_right": only_a, "only_b_right": only_b, "mcnemar_p": float(p), "n": len(diff)}
 
 
@@ -900,7 +905,8 @@ def sensitivity(model, tok, examples: Sequence[KVExample], factor: float = 2.0, 
             raise ValueError(f"layer {layer!r} is not a decoder layer index in 0 .. {count - 1}")
     out = {}
     for layer in tqdm(layers, desc=f"sensitivity x{factor}", disable=not progress):
-        out[layer] = kv_fitness(model, tok, examples, [factor if i == layer else 1.0 for i in range(count)], **fitness_kw)
+        alone = [factor if i == layer else 1.0 for i in range(count)]
+        out[layer] = kv_fitness(model, tok, examples, alone, **fitness_kw)
     return SensitivityScan(float(factor), kv_fitness(model, tok, examples, None, **fitness_kw), out)
 
 
@@ -1441,9 +1447,10 @@ def plot_kv(path: str, rows: dict, factor_sets: dict, title: str) -> None:
     for j, (name, r) in enumerate(rows.items()):
         pos = sorted(r["accuracy"], key=int)
         acc, ci = np.array([r["accuracy"][p] for p in pos]), np.array([r["accuracy_ci95"][p] for p in pos])
-        left.errorbar(np.array(pos, dtype=float) + 0.12 * (j - len(rows) / 2), acc, yerr=[acc - ci[:, 0], ci[:, 1] - acc],
-                      marker="o", capsize=3, label=name)
-    left.set(xlabel="gold pair index", ylabel="held-out accuracy (95% Wilson)", ylim=(-0.02, 1.02), title="KV retrieval")
+        x = np.array(pos, dtype=float) + 0.12 * (j - len(rows) / 2)  # side by side, not on top of each other
+        left.errorbar(x, acc, yerr=[acc - ci[:, 0], ci[:, 1] - acc], marker="o", capsize=3, label=name)
+    left.set(xlabel="gold pair index", ylabel="held-out accuracy (95% Wilson)", ylim=(-0.02, 1.02),
+             title="KV retrieval")
     left.legend(fontsize=8)
     for name, f in factor_sets.items():
         right.plot(range(len(f)), f, marker=".", label=name)
@@ -1539,8 +1546,8 @@ def _heldout_rows(args, model, tok, search, held, factors, freeze, record, step)
     heldout = evaluate_rows(model, tok, held, settings, **kw)
     step("held-out evaluation")
     record.update(uniform_search_fitness={str(u): f for u, f in ufit.items()}, best_uniform=best_u,
-                  heldout={"seed": args.heldout_seed, "per_position": args.heldout_samples, "dtype": args.heldout_dtype,
-                           "results": heldout}, heldout_factors=settings)
+                  heldout={"seed": args.heldout_seed, "per_position": args.heldout_samples,
+                           "dtype": args.heldout_dtype, "results": heldout}, heldout_factors=settings)
     return heldout, settings
 
 
@@ -1613,7 +1620,8 @@ def cmd_eval(args) -> dict:
     settings = {"no scaling": [1.0] * layers}
     if args.factors:
         settings[args.factors] = load_factors(args.factors, model=model)
-    rows = evaluate_rows(model, tok, _examples(args, args.samples, args.seed, args.offset), settings, **_fitness_kw(args))
+    examples = _examples(args, args.samples, args.seed, args.offset)
+    rows = evaluate_rows(model, tok, examples, settings, **_fitness_kw(args))
     print(kv_report(rows))
     doc = dict(rows[list(settings)[-1]], factors=args.factors, seed=args.seed, samples=args.samples,
                rows=rows, **run_info(args.device, args.dtype, args.argv))
@@ -1636,7 +1644,8 @@ def cmd_sensitivity(args) -> dict:
         ax.bar(sorted(scan.layers), [scan.layers[k].mean_accuracy for k in sorted(scan.layers)],
                label=f"layer alone x{args.factor:g}")
         ax.axhline(scan.baseline.mean_accuracy, color="k", ls="--", label="no scaling")
-        ax.set(xlabel="decoder layer", ylabel="mean KV accuracy", title=f"per-layer sensitivity ({len(examples)} prompts)")
+        ax.set(xlabel="decoder layer", ylabel="mean KV accuracy",
+               title=f"per-layer sensitivity ({len(examples)} prompts)")
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(f"{os.path.splitext(args.out)[0]}.png", dpi=120)
@@ -1746,7 +1755,8 @@ def main(argv=None) -> None:
         args.func(args)
     except (KeyboardInterrupt, BrokenProcessPool) as e:
         ck = checkpoint_path(args.out) if args.cmd == "search" else None
-        hint = f"; the checkpoint {ck} is intact: run the same command again to resume" if ck and os.path.exists(ck) else ""
+        resumable = ck is not None and os.path.exists(ck)
+        hint = f"; the checkpoint {ck} is intact: run the same command again to resume" if resumable else ""
         print(f"\n{'interrupted' if isinstance(e, KeyboardInterrupt) else 'a worker process died'}{hint}",
               file=sys.stderr)
         sys.exit(130 if isinstance(e, KeyboardInterrupt) else 1)
