@@ -157,7 +157,7 @@ def make_passkey_examples(tok, n_tokens: int, n: int, seed: int = 0, haystack: s
     return [make_passkey_example(tok, n_tokens, d, seed, i, haystack) for i, d in enumerate(depths)]
 
 
-def _ppl_targets(ex: PasskeyExample, max_positions: int) -> np.ndarray:
+def ppl_targets(ex: PasskeyExample, max_positions: int) -> np.ndarray:
     """full_ids indices of up to max_positions haystack tokens, evenly strided, to score perplexity on.
     The first token of each span is skipped: it follows a different piece (intro or needle)."""
     idx = np.concatenate([np.arange(start + 1, end) for start, end in ex.haystack_spans])
@@ -180,7 +180,7 @@ def passkey_and_ppl(model, ex: PasskeyExample, ppl_positions: int = 2048, start_
     Exact when layers < k compute the same in both runs: a base method, then base+layer with factors[:k] = 1.
     """
     device = next(model.parameters()).device
-    targets = _ppl_targets(ex, ppl_positions)
+    targets = ppl_targets(ex, ppl_positions)
     scored = np.concatenate([targets, np.arange(ex.answer_start, len(ex.full_ids))])  # full_ids indices
     decoder = model.get_decoder()
     layers, captured, hook = decoder.layers, {}, None
@@ -636,7 +636,7 @@ def _model_config(path: str | None):
     return AutoConfig.from_pretrained(path)
 
 
-def _reproducing_argv(argv) -> list[str]:
+def reproducing_argv(argv) -> list[str]:
     """The command line minus what only affects this invocation (--resume, --report-only, --note TEXT)."""
     out = list(argv)
     while "--note" in out:
@@ -705,7 +705,7 @@ def cmd_table(args) -> dict:
             lengths, dict(zip(lengths, counts)), factors, args.haystack, args.ppl_haystack, args.seed,
             args.ntk_factor, args.ppl_positions, log_path, args.model, getattr(torch, args.dtype),
             args.device, methods=args.methods)
-        run = {**lr.run_info(args.device, args.dtype, _reproducing_argv(args.argv)), **_machine_load()}
+        run = {**lr.run_info(args.device, args.dtype, reproducing_argv(args.argv)), **_machine_load()}
     rows, paired = summarize_extrapolation(records), paired_differences(records)
     meta = {
         "model": os.path.basename(args.model) if args.model else EMBEDDED_NAME,

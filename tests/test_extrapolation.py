@@ -90,7 +90,7 @@ def test_passkey_and_ppl_matches_full_logits():
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=torch.tensor(e.input_ids)[None]).logits[0].double(), -1)
     full = torch.tensor(e.full_ids)
-    targets = ex._ppl_targets(e, 50)
+    targets = ex.ppl_targets(e, 50)
     assert len(targets) == r["ppl_n"] == 50
     nll = -logp[targets - 1, full[targets]]
     assert r["ppl"] == pytest.approx(float(torch.exp(nll.mean())), rel=1e-4)
@@ -321,7 +321,7 @@ def test_cli_parser_and_recorded_command():
     assert a.func is ex.cmd_table and a.lengths == ["4096", "16384"] and a.report_only
     assert a.haystack == "classic" and a.ntk_factor == 2.0 and a.dtype == "float32"
     assert ap.parse_args(["table"]).samples == ["3", "2", "2", "1"] and a.seed == ex.HELDOUT_SEED == 0
-    assert ex._reproducing_argv(["table", "--resume", "--note", "a b", "--seed", "1", "--report-only"]) == \
+    assert ex.reproducing_argv(["table", "--resume", "--note", "a b", "--seed", "1", "--report-only"]) == \
         ["table", "--seed", "1"]
     s = ap.parse_args(["search", "--method", "pi", "--length", "12288", "--needles", "6", "--seed", "3",
                        "--population", "10", "--generations", "5", "--dtype", "bfloat16"])
