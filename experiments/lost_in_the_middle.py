@@ -45,6 +45,9 @@ TASKS = {  # search/held-out prompts per gold position, GA population x generati
                        "ga-middle-seed1": ["--weights", "middle", "--seed", "1"]}),
 }
 UNIFORM = [1.05, 1.1, 1.25, 1.5, 2.0]
+# glibc malloc: keep freed activation buffers instead of returning them to the kernel and faulting fresh
+# zeroed pages in on the next batch (CPU time measured in benchmarks/RESULTS.md); results do not change
+GLIBC_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2 ** 40)}
 
 
 def search(name, flags, task, args):
@@ -55,7 +58,7 @@ def search(name, flags, task, args):
                "--population", str(task["population"]), "--generations", str(task["generations"]),
                "--batch-size", str(args.batch_size), "--device", args.device, *flags]
         print("$", " ".join(cmd[1:]), flush=True)
-        subprocess.run(cmd, check=True)
+        subprocess.run(cmd, check=True, env=dict(os.environ, **GLIBC_MALLOC))
     return lr.load_factors(out, with_metadata=True)
 
 

@@ -1,0 +1,63 @@
+"""glibc malloc settings for CPU scoring: the same KV scoring in fresh processes, default malloc vs
+MALLOC_MMAP_MAX_=0 + a huge MALLOC_TRIM_THRESHOLD_ (freed activation buffers are kept, not unmapped and
+faulted in again as zeroed pages), alternating A/B so that machine load hits both alike.
+
+    python benchmarks/bench_malloc.py [--pairs 2] [--prompts 16] [--repeats 3]
+
+Prints each run's CPU seconds (user + sys), minor page faults and wall time, and the median CPU-time ratio.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TUNED = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2 ** 40)}
+CHILD = """
+import json, resource, sys, time
+import layer_rope as lr
+prompts, repeats = int(sys.argv[1]), int(sys.argv[2])
+model, tok = lr.cached_model(None, "cpu", lr.default_dtype("cpu"))
+examples = lr.kv_sets(20, 5, -(-prompts // 5), 1)[:prompts]
+lr.kv_fitness(model, tok, examples, batch_size=16)  # warm-up
+r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.time()
+for _ in range(repeats):
+    lr.kv_fitness(model, tok, examples, [1.1] * lr.num_layers(model), batch_size=16)
+r1 = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"cpu_s": r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime, "wall_s": time.time() - t0,
+                  "minflt": r1.ru_minflt - r0.ru_minflt, "dtype": lr.default_dtype("cpu")}))
+"""
+
+
+def run(env_extra, prompts, repeats):
+    env = dict(os.environ, PYTHONPATH=ROOT, **env_extra)
+    for k in TUNED:
+        if k not in env_extra:
+            env.pop(k, None)
+    out = subprocess.run([sys.executable, "-c", CHILD, str(prompts), str(repeats)], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pairs", type=int, default=2)
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    results = {"default": [], "tuned": []}
+    for _ in range(args.pairs):
+        for name, env in (("default", {}), ("tuned", TUNED)):
+            r = run(env, args.prompts, args.repeats)
+            results[name].append(r)
+            print(f"{name:8s} cpu {r['cpu_s']:6.1f} s  wall {r['wall_s']:6.1f} s  minor faults {r['minflt']:>9,d}"
+                  f"  ({r['dtype']}, {args.repeats} x {args.prompts} prompts)", flush=True)
+    ratio = statistics.median(d["cpu_s"] / t["cpu_s"] for d, t in zip(results["default"], results["tuned"]))
+    print(f"median CPU-time ratio default / tuned over {args.pairs} pairs: {ratio:.3f}")
+
+
+if __name__ == "__main__":
+    main()
