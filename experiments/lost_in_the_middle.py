@@ -36,6 +36,10 @@ TASKS = {  # search/held-out prompts per gold position, GA population x generati
                         "linear-middle-seed0": ["--weights", "middle", "--seed", "0", "--curve", "linear"],
                         "step-middle-seed0": ["--weights", "middle", "--seed", "0", "--curve", "step"],
                         "ga-unweighted-seed0": ["--weights", "uniform", "--seed", "0"],
+                        # beyond the paper: factors near 1 only (every factor > 1 we tried hurt), a smooth fitness
+                        "ga-narrow-seed0": ["--weights", "middle", "--seed", "0", "--factor-max", "1.2",
+                                            "--factor-step", "0.01"],
+                        "ga-logprob-seed0": ["--weights", "middle", "--seed", "0", "--objective", "logprob"],
                         # the same search with racing: what racing saves and changes where most are hopeless
                         "ga-middle-seed0-race": ["--weights", "middle", "--seed", "0", "--race"]}),
     "smoke": dict(filler=0, search=1, heldout=1, population=3, generations=2,  # checks the pipeline in ~2 min
