@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The paper's second claim: layer factors searched beyond the trained context, on top of Dynamic-NTK
+# (then PI), judged on held-out needles at 12k and 16k, each base method with and without them, paired
+# per needle (same needle, same filler). Every step resumes where it stopped: run the same command again.
+#
+#   bash experiments/extrapolation_claim.sh            # NTK, then PI
+#   bash experiments/extrapolation_claim.sh ntk        # one base method
+#
+# Search: 4 needles (seed 1; the table's held-out needles are seed 0, checked disjoint) at 12,288 tokens,
+# bfloat16, GA population 8 x 7 generations (>= 40 evaluations). Held-out table: 5 needles per length,
+# depths 0.1 .. 0.9, float32.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1099511627776  # see benchmarks/bench_malloc.py
+for method in "${@:-ntk pi}"; do
+  for m in $method; do
+    out="results/extrapolation-search-$m.json"
+    if [ ! -f "$out" ]; then
+      python extrapolation.py search --method "$m" --length 12288 --needles 4 --needle-seed 1 \
+        --population 8 --generations 7 --seed 0 --dtype bfloat16 --no-progress --out "$out"
+    fi
+    table="results/extrapolation-heldout-$m"
+    if [ ! -f "$table.json" ]; then
+      python extrapolation.py table --lengths 12288 16384 --samples 5 --methods "$m" "$m+layer" \
+        --factors "$out" --out "$table" --resume
+    fi
+  done
+done
