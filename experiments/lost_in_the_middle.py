@@ -54,6 +54,23 @@ UNIFORM = [1.05, 1.1, 1.25, 1.5, 2.0]
 GLIBC_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2 ** 40)}
 
 
+def row_path(out, name):
+    """Where the held-out row `name` of the task folder `out` is cached."""
+    file = "none" if name == "no scaling" else name.replace(" ", "_").replace("/", "-")
+    return os.path.join(out, "rows", file + ".json")
+
+
+def load_rows(out) -> dict:
+    """{row name: kv_fitness JSON with its paired comparison} of a task folder, in the table's order."""
+    with open(os.path.join(out, "summary.json")) as f:
+        names = list(json.load(f)["rows"])
+    rows = {}
+    for name in names:
+        with open(row_path(out, name)) as f:
+            rows[name] = json.load(f)
+    return rows
+
+
 def search(name, flags, task, args):
     out = os.path.join(args.out, f"search-{name}.json")
     if not os.path.exists(out):
@@ -110,15 +127,14 @@ def main():
         lr.write_json(upath, {"search_set_fitness": {str(u): f for u, f in fit.items()},
                               "best": max(UNIFORM, key=lambda u: (fit[u], -u))})
     best_u = json.load(open(upath))["best"]
-    rows_dir = os.path.join(args.out, "rows")
-    rows = {"no scaling": score(os.path.join(rows_dir, "none.json"), model, tok, held, batch_size=args.batch_size)}
+    rows = {"no scaling": score(row_path(args.out, "no scaling"), model, tok, held, batch_size=args.batch_size)}
     plan = {f"uniform x{best_u:g}": dict(factors=[best_u] * layers),
             "linear ramp 1..2": dict(factors=lr.linear_factors([1.0, 2.0], layers)),
             "Ms-PoE (score order)": dict(mspoe="score"), "Ms-PoE (fixed order)": dict(mspoe="fixed")}
     plan.update({name: dict(run=flags) for name, flags in task["runs"].items()})
     searched = {}
     for name, how in plan.items():  # baselines first, then each GA run followed by its held-out row
-        file = os.path.join(rows_dir, name.replace(" ", "_").replace("/", "-") + ".json")
+        file = row_path(args.out, name)
         if "run" in how:
             done = os.path.exists(os.path.join(args.out, f"search-{name}.json"))
             if args.report_only and not done:
