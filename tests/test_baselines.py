@@ -208,7 +208,9 @@ def test_left_padded_batch_equals_each_example_alone(attn, order):
         alone_orders = []
         for b, s in enumerate(seqs):
             alone = logits(model, s[None])
-            assert maxdiff(batch[b, -len(s):], alone[0]) < 3e-6
+            # float rounding only: 1e-5 as test_batches.py for the same property (3e-6 failed by 4.3e-6 in CI
+            # when the machine was loaded); a wrong position or ratio moves the logits by ~1e-1
+            assert maxdiff(batch[b, -len(s):], alone[0]) < 1e-5
             alone_orders.append({k: v[0] for k, v in h.head_order.items()})
             assert all(torch.equal(batch_order[k][b], v) for k, v in alone_orders[-1].items())
     if order == "score":  # the examples really got different orders, per example
