@@ -870,6 +870,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
+    if getattr(args, "device", "cpu") == "cpu":
+        lr.keep_freed_memory()
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -1304,6 +1304,22 @@ def default_dtype(device: str) -> str:
     return "bfloat16" if device == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
 
 
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed heap memory in the process (mallopt M_MMAP_MAX = 0, M_TRIM_THRESHOLD = 2**31 - 1:
+    the in-process form of MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...). CPU scoring frees and allocates the
+    same large activation buffers every batch; by default glibc unmaps them and the next batch faults fresh
+    zeroed pages in (benchmarks/RESULTS.md, section 5). Values do not change; RSS stays at its high-water mark.
+    The command lines call it on CPU. Returns False (and changes nothing) where the C library is not glibc."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's <malloc.h>
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2 ** 31 - 1))
+
+
 @functools.cache
 def cached_model(path: str | None, device: str = "cpu", dtype: str = "float32"):
     """load_model once per process and (path, device, dtype): a pool worker loads its model once."""
@@ -1315,6 +1331,8 @@ _WORKER_DEVICE: list = []  # set in each pool worker by _init_worker: the device
 
 def _init_worker(devices) -> None:
     _WORKER_DEVICE.append(devices.get())
+    if _WORKER_DEVICE[0] == "cpu":
+        keep_freed_memory()
 
 
 def worker_device(default: str = "cpu") -> str:
@@ -1751,6 +1769,8 @@ def main(argv=None) -> None:
     args.argv = argv
     if args.dtype is None:
         args.dtype = default_dtype(args.device) if args.cmd == "search" else "float32"
+    if getattr(args, "device", "cpu") == "cpu":
+        keep_freed_memory()
     try:
         args.func(args)
     except (KeyboardInterrupt, BrokenProcessPool) as e:

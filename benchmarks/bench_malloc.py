@@ -1,6 +1,6 @@
 """glibc malloc settings for CPU scoring: the same KV scoring in fresh processes, default malloc vs
-MALLOC_MMAP_MAX_=0 + a huge MALLOC_TRIM_THRESHOLD_ (freed activation buffers are kept, not unmapped and
-faulted in again as zeroed pages), alternating A/B so that machine load hits both alike.
+lr.keep_freed_memory() (mallopt: freed activation buffers are kept, not unmapped and faulted in again as
+zeroed pages), alternating A/B so that machine load hits both alike.
 
     python benchmarks/bench_malloc.py [--pairs 2] [--prompts 16] [--repeats 3]
 
@@ -15,11 +15,13 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TUNED = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2 ** 40)}
+MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")  # removed from the children: mallopt alone decides
 CHILD = """
 import json, resource, sys, time
 import layer_rope as lr
-prompts, repeats = int(sys.argv[1]), int(sys.argv[2])
+prompts, repeats, tuned = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "tuned"
+if tuned and not lr.keep_freed_memory():
+    raise SystemExit("mallopt is not available (not glibc)")
 model, tok = lr.cached_model(None, "cpu", lr.default_dtype("cpu"))
 examples = lr.kv_sets(20, 5, -(-prompts // 5), 1)[:prompts]
 lr.kv_fitness(model, tok, examples, batch_size=16)  # warm-up
@@ -32,12 +34,9 @@ print(json.dumps({"cpu_s": r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime
 """
 
 
-def run(env_extra, prompts, repeats):
-    env = dict(os.environ, PYTHONPATH=ROOT, **env_extra)
-    for k in TUNED:
-        if k not in env_extra:
-            env.pop(k, None)
-    out = subprocess.run([sys.executable, "-c", CHILD, str(prompts), str(repeats)], env=env, check=True,
+def run(name, prompts, repeats):
+    env = {k: v for k, v in dict(os.environ, PYTHONPATH=ROOT).items() if k not in MALLOC_ENV}
+    out = subprocess.run([sys.executable, "-c", CHILD, str(prompts), str(repeats), name], env=env, check=True,
                          capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -50,8 +49,8 @@ def main():
     args = ap.parse_args()
     results = {"default": [], "tuned": []}
     for _ in range(args.pairs):
-        for name, env in (("default", {}), ("tuned", TUNED)):
-            r = run(env, args.prompts, args.repeats)
+        for name in ("default", "tuned"):
+            r = run(name, args.prompts, args.repeats)
             results[name].append(r)
             print(f"{name:8s} cpu {r['cpu_s']:6.1f} s  wall {r['wall_s']:6.1f} s  minor faults {r['minflt']:>9,d}"
                   f"  ({r['dtype']}, {args.repeats} x {args.prompts} prompts)", flush=True)

@@ -11,13 +11,12 @@
 # depths 0.1 .. 0.9, float32.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1099511627776  # see benchmarks/bench_malloc.py
 for method in "${@:-ntk pi}"; do
   for m in $method; do
     out="results/extrapolation-search-$m.json"
     if [ ! -f "$out" ]; then
       python extrapolation.py search --method "$m" --length 12288 --needles 4 --needle-seed 1 \
-        --population 8 --generations 7 --seed 0 --dtype bfloat16 --no-progress --out "$out"
+        --population 8 --generations 7 --seed 0 --dtype bfloat16 --race --no-progress --out "$out"
     fi
     table="results/extrapolation-heldout-$m"
     if [ ! -f "$table.json" ]; then

@@ -50,9 +50,6 @@ TASKS = {  # search/held-out prompts per gold position, GA population x generati
 }
 UNIFORM = [1.05, 1.1, 1.25, 1.5, 2.0]
 BEST = {"short": "smollm2-135m-kv.json", "long": "smollm2-135m-longkv.json"}  # under results/: a task's factors
-# glibc malloc: keep freed activation buffers instead of returning them to the kernel and faulting fresh
-# zeroed pages in on the next batch (CPU time measured in benchmarks/RESULTS.md); results do not change
-GLIBC_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2 ** 40)}
 
 
 def row_path(out, name):
@@ -80,7 +77,7 @@ def search(name, flags, task, args):
                "--population", str(task["population"]), "--generations", str(task["generations"]),
                "--batch-size", str(args.batch_size), "--device", args.device, *flags]
         print("$", " ".join(cmd[1:]), flush=True)
-        subprocess.run(cmd, check=True, env=dict(os.environ, **GLIBC_MALLOC))
+        subprocess.run(cmd, check=True)  # its main() calls lr.keep_freed_memory()
     return lr.load_factors(out, with_metadata=True)
 
 
@@ -111,6 +108,8 @@ def main():
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
+    if args.device == "cpu":
+        lr.keep_freed_memory()  # this process scores the held-out rows
     task = dict(TASKS[args.task])
     task["filler"] = task["filler"] if args.filler is None else args.filler
     args.out = args.out or default_out(args.task)

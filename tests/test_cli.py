@@ -109,3 +109,32 @@ def test_quick_search_and_eval_end_to_end(tmp_path):
     assert ev["accuracy"] == ga["accuracy"]  # same held-out prompts (seed 2), same factors
     assert ev["accuracy_ci95"] == ga["accuracy_ci95"] and ev["vs_baseline"] == ga["vs_baseline"]
     assert ev["rows"]["no scaling"]["correct"] == res["no scaling"]["correct"]
+
+
+FAULTS = """
+import resource, sys, torch
+import layer_rope as lr
+if sys.argv[1] == "kept" and not lr.keep_freed_memory():
+    raise SystemExit(3)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):  # a batch's activation buffer, freed and allocated again
+    torch.empty(32 << 20, dtype=torch.uint8).fill_(1)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_keep_freed_memory_stops_faulting_freed_buffers_in_again():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    faults = {}
+    for mode in ("default", "kept"):
+        p = subprocess.run([sys.executable, "-c", FAULTS, mode], env=env, capture_output=True, text=True)
+        if p.returncode == 3:
+            pytest.skip("not glibc")
+        assert p.returncode == 0, p.stderr
+        faults[mode] = int(p.stdout.split()[-1])
+    # default: every 32 MiB buffer is mmap'd, faulted in page by page and unmapped (20 x 8192 pages);
+    # kept: the first one's pages are reused
+    assert faults["default"] > 20 * 4096, faults
+    assert faults["kept"] < faults["default"] / 5, faults
