@@ -25,6 +25,7 @@ import functools
 import hashlib
 import json
 import math
+import numbers
 import os
 import time
 from typing import Callable, NamedTuple, Sequence
@@ -526,6 +527,8 @@ def passkey_fitness(correct: int, n: int, key_logprob_per_token: float, filler_n
 class PasskeyObjective:
     """Picklable long-context fitness for lr.genetic_search: passkey_fitness of `needles` fixed needles
     at `length` tokens, with the layer factors on top of a base method ("pi" or "ntk", see method_rope).
+    `length` may be a tuple of lengths: `needles` needles at each (keys drawn per length), one fitness
+    over all of them; Dynamic-NTK only, since PI's factor depends on the length.
 
     The model with the base method's rope_parameters is loaded on first use, once per process (so the
     object works with built-in map and a process pool's map alike), and the needles are built with its
@@ -533,7 +536,7 @@ class PasskeyObjective:
     """
 
     method: str = "ntk"
-    length: int = 12288
+    length: int | tuple = 12288
     needles: int = 4
     seed: int = 1
     depths: tuple | None = None  # None: passkey_depths(needles)
@@ -553,6 +556,17 @@ class PasskeyObjective:
             raise ValueError(f"seed {HELDOUT_SEED} draws the held-out needles of the table; search on another")
         if self.depths is not None:
             object.__setattr__(self, "depths", tuple(float(d) for d in self.depths))
+        if not isinstance(self.length, numbers.Integral):
+            object.__setattr__(self, "length", tuple(int(n) for n in self.length))
+            if len(self.length) < 2 or len(set(self.length)) < len(self.length):
+                raise ValueError(f"length: one int, or two or more different lengths, got {self.length}")
+            if self.method != "ntk":
+                raise ValueError(f"several lengths {self.length} need method 'ntk': PI's factor depends on "
+                                 "the length, so one search covers one length")
+
+    @property
+    def lengths(self) -> tuple:
+        return self.length if isinstance(self.length, tuple) else (self.length,)
 
     def prepared(self) -> tuple:
         """(model with the base method, tokenizer, needles), made on first use in this process."""
@@ -561,7 +575,8 @@ class PasskeyObjective:
     def describe(self) -> dict:
         """The settings as JSON (what a search records and checks its checkpoint against)."""
         d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("load", "device")}
-        return {**d, "depths": list(self.depths or passkey_depths(self.needles))}
+        return {**d, "length": list(self.length) if isinstance(self.length, tuple) else self.length,
+                "depths": list(self.depths or passkey_depths(self.needles))}
 
     def __call__(self, factors, bar: float | None = None) -> float:
         return self.score(factors, bar)["fitness"]
@@ -596,13 +611,17 @@ def _prepared(objective: PasskeyObjective) -> tuple:
                                                dtype=getattr(torch, objective.dtype), device=objective.device)
     model, tok = load(None)
     cfg = model.config
-    rope = method_rope(objective.method, objective.length, cfg.max_position_embeddings,
+    rope = method_rope(objective.method, max(objective.lengths), cfg.max_position_embeddings,
                        float(cfg.rope_parameters["rope_theta"]), objective.ntk_factor).rope_parameters
     if rope is not None:
         del model
         model, tok = load(rope)
-    needles = make_passkey_examples(tok, objective.length, objective.needles, objective.seed,
-                                    objective.haystack, objective.depths)
+    depths = passkey_depths(objective.needles) if objective.depths is None else objective.depths
+    if len(depths) != objective.needles:
+        raise ValueError(f"{len(depths)} depths for {objective.needles} needles")
+    n = objective.needles  # needle i at the j-th length: key (seed, j * n + i), so no key repeats
+    needles = [make_passkey_example(tok, length, d, objective.seed, j * n + i, objective.haystack)
+               for j, length in enumerate(objective.lengths) for i, d in enumerate(depths)]
     return model, tok, needles
 
 
@@ -761,12 +780,13 @@ def cmd_search(args) -> dict:
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     if args.restart and os.path.exists(checkpoint):
         os.remove(checkpoint)
+    length = args.length[0] if len(args.length) == 1 else tuple(args.length)
     objective = PasskeyObjective(
-        method=args.method, length=args.length, needles=args.needles, seed=args.needle_seed,
+        method=args.method, length=length, needles=args.needles, seed=args.needle_seed,
         depths=args.depths, haystack=args.haystack, ntk_factor=args.ntk_factor, ppl_weight=args.ppl_weight,
         ppl_positions=args.ppl_positions, model_path=args.model, dtype=args.dtype, device=args.device)
     model, tok, needles = objective.prepared()
-    _check_disjoint(tok, needles, args.length)
+    _check_disjoint(tok, needles, max(args.length))
     step("model load")
     freeze = [] if args.freeze == "none" else [int(v) for v in args.freeze.split(",") if v.strip()]
     config = lr.GAConfig(num_layers=lr.num_layers(model), num_points=args.points, factor_min=args.factor_min,
@@ -837,7 +857,8 @@ def build_parser():
     s = sub.add_parser("search", help="GA for layer factors on top of PI or Dynamic-NTK, fitness: passkey "
                        "retrieval beyond the trained context")
     s.add_argument("--method", choices=("ntk", "pi"), default="ntk", help="base method under the factors")
-    s.add_argument("--length", type=int, default=12288, help="input length of the search needles")
+    s.add_argument("--length", type=int, nargs="+", default=[12288],
+                   help="input length of the search needles; several (ntk only): needles at each")
     s.add_argument("--needles", type=int, default=4, help="search needles (depths passkey_depths(N))")
     s.add_argument("--needle-seed", type=int, default=1, help=f"needle seed (not {HELDOUT_SEED}: held out)")
     s.add_argument("--depths", type=float, nargs="+", default=None, help="needle depths (default: spread)")

@@ -42,6 +42,9 @@ TASKS = {  # search/held-out prompts per gold position, GA population x generati
                         "ga-logprob-seed0": ["--weights", "middle", "--seed", "0", "--objective", "logprob"],
                         # the same search with racing: what racing saves and changes where most are hopeless
                         "ga-middle-seed0-race": ["--weights", "middle", "--seed", "0", "--race"]}),
+    # issue 13's GPU run (experiments/gpu_run.sh): population >= 32, >= 20 generations, 200 / 500 prompts
+    "gpu": dict(filler=0, search=40, heldout=100, population=32, generations=20,
+                runs={f"ga-middle-seed{i}": ["--weights", "middle", "--seed", str(i)] for i in range(3)}),
     "smoke": dict(filler=0, search=1, heldout=1, population=3, generations=2,  # checks the pipeline in ~2 min
                   runs={"ga-middle-seed0": ["--weights", "middle", "--seed", "0", "--scan-samples", "1"]}),
     "long": dict(filler=1, search=10, heldout=50, population=12, generations=10,  # seed 0 ran with racing
@@ -75,7 +78,8 @@ def search(name, flags, task, args):
         cmd = [sys.executable, os.path.join(ROOT, "layer_rope.py"), "search", "--out", out, "--no-progress",
                "--filler", str(task["filler"]), "--search-samples", str(task["search"]), "--heldout-samples", "0",
                "--population", str(task["population"]), "--generations", str(task["generations"]),
-               "--batch-size", str(args.batch_size), "--device", args.device, *flags]
+               "--batch-size", str(args.batch_size), "--device", args.device,
+               *(["--model", args.model] if args.model else []), *flags]
         print("$", " ".join(cmd[1:]), flush=True)
         subprocess.run(cmd, check=True)  # its main() calls lr.keep_freed_memory()
     return lr.load_factors(out, with_metadata=True)
@@ -105,6 +109,7 @@ def main():
     ap.add_argument("--filler", type=int, default=None, help="long task: filler paragraphs per pair")
     ap.add_argument("--out", default=None)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model", default=None, help="HF model dir or .gguf (default: the embedded SmolLM2)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
@@ -118,7 +123,7 @@ def main():
     held = lr.kv_sets(20, 5, task["heldout"], 2, filler=task["filler"])
     lr.check_disjoint(search_set, held)
 
-    model, tok = lr.load_model(None, "float32", args.device)
+    model, tok = lr.load_model(args.model, "float32", args.device)
     layers = lr.num_layers(model)
     upath = os.path.join(args.out, "uniform.json")
     if not os.path.exists(upath) and not args.report_only:

@@ -455,6 +455,23 @@ def test_objective_racing_stops_early_below_the_bar(monkeypatch):
     assert obj(f, bar=full["fitness"]) == full["fitness"]  # a reachable bar: every needle scored, same value
 
 
+def test_objective_over_several_lengths_scores_needles_at_each():
+    one, two = _objective(needles=2), _objective(needles=2, length=(LONG, LONG + 40))
+    assert one.describe()["length"] == LONG and two.describe()["length"] == [LONG, LONG + 40]
+    _, _, needles = two.prepared()
+    assert [e.n_tokens for e in needles] == [LONG, LONG, LONG + 40, LONG + 40]
+    assert len({e.key for e in needles}) == 4  # no key repeats across lengths
+    assert [e.key for e in needles[:2]] == [e.key for e in one.prepared()[2]]  # the first length = one length
+    f = [1.0, 1.5, 1.25, 2.0]
+    full = two.score(f)
+    assert full["scored"] == 4 and full["fitness"] == pytest.approx(full["correct"] / 4 + math.exp(
+        full["key_logprob_per_token"]) / 5)
+    with pytest.raises(ValueError, match="PI's factor depends on the length"):
+        _objective(method="pi", length=(LONG, LONG + 40))
+    with pytest.raises(ValueError, match="different lengths"):
+        _objective(length=(LONG, LONG))
+
+
 class _KilledAfter:
     """The objective, raising KeyboardInterrupt (as Ctrl-C would) once `limit` evaluations have finished."""
 
@@ -543,3 +560,15 @@ def test_cli_search_then_heldout_table(tiny_model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit, match="other layer factors"):
         ex.main(["table", "--factors", "profile", "--out", prefix, "--model", tiny_model_dir,
                  "--report-only"])
+
+
+def test_cli_search_over_two_lengths(tiny_model_dir, tmp_path):
+    out = str(tmp_path / "two.json")
+    ex.main(["search", "--length", str(LONG), str(LONG + 40), "--needles", "1", "--population", "3",
+             "--generations", "1", "--freeze", "none", "--points", "3", "--no-progress", "--out", out,
+             "--model", tiny_model_dir, "--ppl-positions", "16", "--threads", "1"])
+    _, doc = lr.load_factors(out, 4, with_metadata=True)
+    assert doc["objective"]["length"] == [LONG, LONG + 40] and doc["base_method_alone"]["scored"] == 2
+    with pytest.raises(ValueError, match="PI's factor"):
+        ex.main(["search", "--method", "pi", "--length", str(LONG), str(LONG + 40), "--out", out,
+                 "--model", tiny_model_dir])

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The GPU checks of issues 13 and 14 in ONE call on one H100/H200 (device tool: <= 8 minutes), every step
+# time-boxed so that a slow one cannot eat the others, everything packed into OUT/gpu-run.tgz at the end:
+#
+#   bash experiments/gpu_run.sh "$OUT"                          # on the GPU machine
+#   TINY=1 DEVICE=cpu bash experiments/gpu_run.sh /tmp/gpu-tiny  # the same pipeline on CPU, tiny settings
+#
+# 1. time per forward of the embedded model at 16k and 24k tokens (Dynamic-NTK, bfloat16; `table` records
+#    seconds per forward, the first includes CUDA's warm-up, so 2 needles per length)
+# 2. issue 13: the short KV task at population 32 x 20 generations, 200 search / 500 held-out prompts,
+#    3 GA seeds, bfloat16 search, float32 finalists and rows (the driver's `gpu` task)
+# 3. issue 14: layer factors on top of Dynamic-NTK searched on passkeys at 16k AND 24k (2 needles each,
+#    population 20 x 11 = 200 evaluations, racing), then the held-out table at 16k and 24k (5 needles per
+#    length, ntk vs ntk+layer, float32, paired per needle)
+#
+# The model: the embedded GGUF (98 MB) is larger than what one device call carries (64 MiB); carry it in
+# two halves over two calls while the machine is warm (`split -n 2 SmolLM2-135M-Instruct.Q4_1.gguf
+# .model/part-` into an ignored folder, one part per call), join them there and pass MODEL=path.gguf;
+# transformers needs the `gguf` package to read it (carry its wheel).
+set -uo pipefail
+out="${1:?usage: gpu_run.sh OUT}"
+device="${DEVICE:-cuda}"
+cd "$(dirname "$0")/.."
+work="$out/work"
+mkdir -p "$work"
+export PYTHONUNBUFFERED=1
+model=(${MODEL:+--model "$MODEL"})
+if [ -n "${TINY:-}" ]; then  # the pipeline end to end in minutes on CPU
+  lengths=(1024 1536); task=smoke; pop=3; gens=2; needles=1; held=2; box=(300 900 600 600)
+else
+  lengths=(16384 24576); task=gpu; pop=20; gens=11; needles=2; held=5; box=(45 200 150 60)  # 455 s in all
+fi
+python - <<EOF > "$work/device.json"
+import json, torch, transformers
+print(json.dumps({"device": torch.cuda.get_device_name() if "$device".startswith("cuda") else "cpu",
+                  "torch": torch.__version__, "transformers": transformers.__version__}))
+EOF
+step() {  # step NAME SECONDS COMMAND...: run it with a time box, log it, go on whatever happens
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  echo "== $name (limit ${limit}s): $*" | tee -a "$work/log.txt"
+  timeout "$limit" "$@" >> "$work/log.txt" 2>&1
+  echo "== $name: exit $?, $((SECONDS - t0)) s" | tee -a "$work/log.txt"
+}
+step "forward time" "${box[0]}" python extrapolation.py table --lengths "${lengths[@]}" --samples 2 \
+  --methods ntk --dtype bfloat16 --device "$device" --out "$work/forward-time" "${model[@]}"
+step "issue 13: short task" "${box[1]}" python experiments/lost_in_the_middle.py "$task" --device "$device" \
+  --batch-size 64 --out "$work/lim-$task" "${model[@]}"
+step "issue 14: search" "${box[2]}" python extrapolation.py search --method ntk --length "${lengths[@]}" \
+  --needles "$needles" --population "$pop" --generations "$gens" --seed 0 --dtype bfloat16 --race \
+  --device "$device" --no-progress --out "$work/extrapolation-search-ntk.json" "${model[@]}"
+if [ -f "$work/extrapolation-search-ntk.json" ]; then
+  step "issue 14: held-out table" "${box[3]}" python extrapolation.py table --lengths "${lengths[@]}" \
+    --samples "$held" --methods ntk ntk+layer --factors "$work/extrapolation-search-ntk.json" \
+    --device "$device" --out "$work/extrapolation-heldout-ntk" --resume "${model[@]}"
+fi
+tar czf "$out/gpu-run.tgz" -C "$work" . && cp "$work/log.txt" "$out/log.txt"
+echo "packed $(tar tzf "$out/gpu-run.tgz" | wc -l) files into $out/gpu-run.tgz"
