@@ -868,7 +868,7 @@ def build_parser():
     s.add_argument("--factor-min", type=float, default=1.0)
     s.add_argument("--factor-max", type=float, default=2.0)
     s.add_argument("--factor-step", type=float, default=0.05)
-    s.add_argument("--freeze", default="16", help="layers at 1.0 (16: SmolLM2's retrieval layer), or none")
+    s.add_argument("--freeze", default="none", help="layers held at 1.0, e.g. 16 or 15,16 (default: none)")
     s.add_argument("--population", type=int, default=8)
     s.add_argument("--generations", type=int, default=4)
     s.add_argument("--seed", type=int, default=0, help="GA seed")

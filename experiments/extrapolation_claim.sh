@@ -7,15 +7,16 @@
 #   bash experiments/extrapolation_claim.sh ntk        # one base method
 #
 # Search: 4 needles (seed 1; the table's held-out needles are seed 0, checked disjoint) at 12,288 tokens,
-# bfloat16, GA population 8 x 7 generations (>= 40 evaluations). Held-out table: 5 needles per length,
-# depths 0.1 .. 0.9, float32.
+# bfloat16, GA population 8 x 7 generations (>= 40 evaluations) with racing, layer 16 held at 1.0 (the
+# layer the KV sensitivity scan found retrieval-critical: results/smollm2-135m-sensitivity.txt).
+# Held-out table: 5 needles per length, depths 0.1 .. 0.9, float32.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 for method in "${@:-ntk pi}"; do
   for m in $method; do
     out="results/extrapolation-search-$m.json"
     if [ ! -f "$out" ]; then
-      python extrapolation.py search --method "$m" --length 12288 --needles 4 --needle-seed 1 \
+      python extrapolation.py search --method "$m" --length 12288 --needles 4 --needle-seed 1 --freeze 16 \
         --population 8 --generations 7 --seed 0 --dtype bfloat16 --race --no-progress --out "$out"
     fi
     table="results/extrapolation-heldout-$m"

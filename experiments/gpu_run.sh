@@ -47,7 +47,7 @@ step "forward time" "${box[0]}" python extrapolation.py table --lengths "${lengt
 step "issue 13: short task" "${box[1]}" python experiments/lost_in_the_middle.py "$task" --device "$device" \
   --batch-size 64 --out "$work/lim-$task" "${model[@]}"
 step "issue 14: search" "${box[2]}" python extrapolation.py search --method ntk --length "${lengths[@]}" \
-  --needles "$needles" --population "$pop" --generations "$gens" --seed 0 --dtype bfloat16 --race \
+  --needles "$needles" --freeze 16 --population "$pop" --generations "$gens" --seed 0 --dtype bfloat16 --race \
   --device "$device" --no-progress --out "$work/extrapolation-search-ntk.json" "${model[@]}"
 if [ -f "$work/extrapolation-search-ntk.json" ]; then
   step "issue 14: held-out table" "${box[3]}" python extrapolation.py table --lengths "${lengths[@]}" \

@@ -326,7 +326,7 @@ def test_cli_parser_and_recorded_command():
     s = ap.parse_args(["search", "--method", "pi", "--length", "12288", "--needles", "6", "--seed", "3",
                        "--population", "10", "--generations", "5", "--dtype", "bfloat16"])
     assert s.func is ex.cmd_search
-    assert (s.method, s.length, s.needles, s.seed, s.needle_seed) == ("pi", 12288, 6, 3, 1)
+    assert (s.method, s.length, s.needles, s.seed, s.needle_seed) == ("pi", [12288], 6, 3, 1)
     assert (s.population, s.generations, s.dtype, s.out) == (10, 5, "bfloat16", None)
 
 
