@@ -150,12 +150,13 @@ def passkey_depths(n: int) -> list[float]:
 
 
 def make_passkey_examples(tok, n_tokens: int, n: int, seed: int = 0, haystack: str = "classic",
-                          depths: Sequence[float] | None = None) -> list[PasskeyExample]:
-    """n examples of n_tokens tokens; example i has key (seed, i) and depth depths[i] (passkey_depths)."""
+                          depths: Sequence[float] | None = None, first: int = 0) -> list[PasskeyExample]:
+    """n examples of n_tokens tokens; example i has key (seed, first + i) and depth depths[i]
+    (passkey_depths)."""
     depths = passkey_depths(n) if depths is None else list(depths)
     if len(depths) != n:
         raise ValueError(f"{len(depths)} depths for {n} examples")
-    return [make_passkey_example(tok, n_tokens, d, seed, i, haystack) for i, d in enumerate(depths)]
+    return [make_passkey_example(tok, n_tokens, d, seed, first + i, haystack) for i, d in enumerate(depths)]
 
 
 def ppl_targets(ex: PasskeyExample, max_positions: int) -> np.ndarray:
@@ -616,12 +617,9 @@ def _prepared(objective: PasskeyObjective) -> tuple:
     if rope is not None:
         del model
         model, tok = load(rope)
-    depths = passkey_depths(objective.needles) if objective.depths is None else objective.depths
-    if len(depths) != objective.needles:
-        raise ValueError(f"{len(depths)} depths for {objective.needles} needles")
-    n = objective.needles  # needle i at the j-th length: key (seed, j * n + i), so no key repeats
-    needles = [make_passkey_example(tok, length, d, objective.seed, j * n + i, objective.haystack)
-               for j, length in enumerate(objective.lengths) for i, d in enumerate(depths)]
+    n = objective.needles  # the j-th length's needles have keys (seed, j * n + i), so no key repeats
+    needles = [e for j, length in enumerate(objective.lengths) for e in make_passkey_examples(
+        tok, length, n, objective.seed, objective.haystack, objective.depths, first=j * n)]
     return model, tok, needles
 
 
@@ -891,7 +889,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
-    if getattr(args, "device", "cpu") == "cpu":
+    if args.device == "cpu":
         lr.keep_freed_memory()
     try:
         return args.func(args)

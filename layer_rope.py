@@ -1769,7 +1769,7 @@ def main(argv=None) -> None:
     args.argv = argv
     if args.dtype is None:
         args.dtype = default_dtype(args.device) if args.cmd == "search" else "float32"
-    if getattr(args, "device", "cpu") == "cpu":
+    if args.device == "cpu":
         keep_freed_memory()
     try:
         args.func(args)
