@@ -772,6 +772,8 @@ def cmd_search(args) -> dict:
         torch.set_num_threads(args.threads)
     out = args.out or os.path.join("results", f"extrapolation-search-{args.method}.json")
     checkpoint = args.checkpoint or f"{os.path.splitext(out)[0]}.ckpt.json"
+    if args.max_evaluations is not None and args.max_evaluations < 1:
+        raise SystemExit(f"--max-evaluations must be at least 1, got {args.max_evaluations}")
     if args.needle_seed == HELDOUT_SEED:
         raise SystemExit(f"--needle-seed {HELDOUT_SEED} draws the held-out needles of `table`; "
                          "choose another")
@@ -794,7 +796,8 @@ def cmd_search(args) -> dict:
     resumed = os.path.exists(checkpoint)
     result = lr.genetic_search(objective, config, checkpoint=checkpoint, tag={"fitness": "passkey",
                                **objective.describe()}, progress=not args.no_progress,
-                               **({"race": True} if args.race else {}))  # only where genetic_search races
+                               max_evaluations=args.max_evaluations,
+                               race=args.race)
     step("GA (resumed from a checkpoint)" if resumed else "GA")
     base = objective.score([1.0] * config.num_layers)
     step("base method alone")
@@ -804,8 +807,9 @@ def cmd_search(args) -> dict:
               "result": result.to_json(), "base_method_alone": base, "timings_s": timings,
               "wall_s": round(time.time() - start, 1)}
     lr.save_factors(out, result.factors, control_points=result.control_points, **record)
-    print(f"[search] {args.method}+layer best fitness {result.fitness:.4f} "
-          f"({len(result.evaluations)} evaluations), {args.method} alone {base['fitness']:.4f}; "
+    print(f"[search] {args.method}+layer best fitness {result.fitness:.4f} ({len(result.evaluations)} evaluations"
+          f"{', stopped at --max-evaluations' if result.stopped_early else ''}), {args.method} alone "
+          f"{base['fitness']:.4f}; "
           f"wrote {out}; steps (s): {timings}")
     return record
 
@@ -872,6 +876,8 @@ def build_parser():
     s.add_argument("--seed", type=int, default=0, help="GA seed")
     s.add_argument("--race", action="store_true", help="genetic_search(race=True): stop scoring an "
                    "individual's needles once it cannot beat the weakest elite")
+    s.add_argument("--max-evaluations", type=int, default=None,
+                   help="stop the GA after this many evaluations in all (checkpoint included); resumable")
     _shared_args(s)
     s.add_argument("--out", default=None, 
                    help="factors JSON (default: results/extrapolation-search-METHOD.json)")

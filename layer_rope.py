@@ -1087,11 +1087,13 @@ class GAResult:
     control_points: list
     history: list  # per generation: generation, best, best_fitness, mean_fitness, evals_total
     evaluations: list  # (individual, fitness, generation, prompts scored or None), each individual once
+    stopped_early: bool = False  # max_evaluations ended the search before its last generation
 
     def to_json(self) -> dict:
         return {"best": list(self.best), "fitness": self.fitness, "factors": self.factors,
                 "control_points": self.control_points, "history": self.history,
-                "evaluations": [[list(e[0]), *e[1:]] for e in self.evaluations]}
+                "evaluations": [[list(e[0]), *e[1:]] for e in self.evaluations],
+                "stopped_early": self.stopped_early}
 
 
 def _load_checkpoint(path: str, config: GAConfig, tag) -> dict:
@@ -1160,7 +1162,7 @@ def _start(config: GAConfig, checkpoint: str | None, tag) -> tuple:
 
 
 def genetic_search(fitness: Callable, config: GAConfig, mapper=map, checkpoint: str | None = None, tag=None,
-                   progress: bool = True, race: bool = False) -> GAResult:
+                   progress: bool = True, race: bool = False, max_evaluations: int | None = None) -> GAResult:
     """Maximise fitness(factors) over the Bezier individuals of `config`.
 
     fitness: one list of per-layer factors -> a number, or anything float() accepts (a KVFitness, whose
@@ -1173,11 +1175,17 @@ def genetic_search(fitness: Callable, config: GAConfig, mapper=map, checkpoint: 
     tag: any JSON value naming the fitness (e.g. its data settings); stored and checked on resume.
     race: from generation 1 on, call fitness(factors, bar=b) with b the weakest elite's fitness; a
         fitness may then stop early and return any value below b (e.g. kv_fitness's upper bound).
+    max_evaluations: stop once this many individuals are evaluated in all, a checkpoint's included, and
+        return the best so far with `stopped_early` set. The checkpoint stays resumable: run again without
+        the limit (or with a larger one) and the search goes on exactly as if it had never stopped.
     """
     from tqdm.auto import tqdm
 
     if not isinstance(config, GAConfig):
         raise TypeError(f"config must be a GAConfig, got {type(config).__name__}")
+    if max_evaluations is not None and (isinstance(max_evaluations, bool) or not isinstance(max_evaluations, int)
+                                        or max_evaluations < 1):
+        raise ValueError(f"max_evaluations must be a positive integer or None, got {max_evaluations!r}")
     gen, pop, rng, evaluations, history = _start(config, checkpoint, tag)
     cache = {e[0]: e[1] for e in evaluations}
 
@@ -1191,6 +1199,9 @@ def genetic_search(fitness: Callable, config: GAConfig, mapper=map, checkpoint: 
     progress_bar = tqdm(total=config.generations, initial=gen, desc="GA generations", disable=not progress)
     while True:
         todo = list(dict.fromkeys(i for i in pop if i not in cache))
+        stopped = max_evaluations is not None and len(cache) + len(todo) > max_evaluations
+        if stopped:
+            todo = todo[:max(0, max_evaluations - len(cache))]
         fn = fitness
         if race and gen > 0 and config.elite > 0:
             fn = functools.partial(fitness, bar=min(cache[i] for i in pop[:config.elite]))
@@ -1203,6 +1214,8 @@ def genetic_search(fitness: Callable, config: GAConfig, mapper=map, checkpoint: 
             save()  # after every evaluation: a kill loses at most the ones in flight
         # this generation's evaluations in population order, however they completed
         evaluations.sort(key=lambda e: (e[2], pop.index(e[0]) if e[2] == gen else 0))
+        if stopped:  # a generation cut short has no history entry: resuming completes and records it
+            break
         best = _ranked(pop, cache)[0]
         if len(history) == gen:  # not yet recorded (a resumed, finished search has it already)
             history.append({"generation": gen, "best": list(best), "best_fitness": cache[best],
@@ -1218,7 +1231,7 @@ def genetic_search(fitness: Callable, config: GAConfig, mapper=map, checkpoint: 
     progress_bar.close()
     best = min(cache, key=lambda ind: (-cache[ind], ind))  # the best ever evaluated (elitism keeps it anyway)
     return GAResult(best, cache[best], individual_factors(best, config), control_points(best, config), history,
-                    evaluations)
+                    evaluations, stopped)
 
 
 def synthetic_fitness(factors) -> float:
@@ -1515,11 +1528,15 @@ class _SyntheticObjective:
 def _run_ga(args, objective, layers: int, freeze, tag) -> GAResult:
     pool = worker_pool(args.workers, args.device) if args.workers > 1 else None
     try:
-        return genetic_search(objective, _ga_config(args, layers, freeze), pool or map, checkpoint_path(args.out),
-                              tag, progress=not args.no_progress, race=args.race)
+        res = genetic_search(objective, _ga_config(args, layers, freeze), pool or map, checkpoint_path(args.out),
+                             tag, progress=not args.no_progress, race=args.race, max_evaluations=args.max_evaluations)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+    if res.stopped_early:
+        print(f"[search] stopped at --max-evaluations {args.max_evaluations}: the best of "
+              f"{len(res.evaluations)} evaluations; run again without it to go on", flush=True)
+    return res
 
 
 def _scan_for_frozen_layers(args, model, tok, search, record) -> list[int]:
@@ -1572,6 +1589,8 @@ def _heldout_rows(args, model, tok, search, held, factors, freeze, record, step)
 def cmd_search(args) -> dict:
     """`python layer_rope.py search`: see the section comment; writes OUT (factors JSON) and OUT's .png."""
     started, timings = time.time(), {}
+    if args.max_evaluations is not None and args.max_evaluations < 1:
+        raise SystemExit(f"--max-evaluations must be at least 1, got {args.max_evaluations}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     if args.restart and os.path.exists(checkpoint_path(args.out)):
         os.remove(checkpoint_path(args.out))
@@ -1736,6 +1755,8 @@ def _parser():
     s.add_argument("--uniform", default="1.25,1.5,2.0", help="uniform factors tried for the 'best uniform' row")
     s.add_argument("--race", action=argparse.BooleanOptionalAction, default=False,
                    help="stop scoring a candidate once it cannot reach the elite (off by default: see README)")
+    s.add_argument("--max-evaluations", type=int, default=None,
+                   help="stop the GA after this many evaluations in all (checkpoint included); resumable")
     s.add_argument("--heldout-dtype", choices=sorted(DTYPES), default="float32")
     s.add_argument("--synthetic", action="store_true", help="no model: GA on synthetic_fitness (tests)")
     s.add_argument("--eval-log", default=None, help="append each --synthetic evaluation to this file")

@@ -8,7 +8,7 @@ The paper's lost-in-the-middle experiment at the paper's scale on one model, aga
 Every step is skipped when its output exists, and each GA search resumes from its checkpoint, so the
 same command continues a killed run. Under OUT (results/lim-<task>/ by default):
   1. search-<run>.json   one GA search each (`python layer_rope.py search ... --heldout-samples 0`:
-                         bfloat16 where the device has it, racing, finalists re-scored in float32)
+                         --search-dtype, bfloat16 by default; finalists re-scored in float32)
   2. uniform.json        the best uniform factor on the search set
   3. rows/<row>.json     each row scored on the one held-out set in float32, paired against no scaling
   4. table.md, summary.json, accuracy.png
@@ -35,7 +35,9 @@ TASKS = {  # search/held-out prompts per gold position, GA population x generati
                         "ga-middle-seed2": ["--weights", "middle", "--seed", "2"],
                         "linear-middle-seed0": ["--weights", "middle", "--seed", "0", "--curve", "linear"],
                         "step-middle-seed0": ["--weights", "middle", "--seed", "0", "--curve", "step"],
-                        "ga-unweighted-seed0": ["--weights", "uniform", "--seed", "0"],
+                        # stopped at 96 of 200 evaluations: its last session's CPU had no native bfloat16
+                        # (5.6x slower than float32); drop the budget to go on from the checkpoint
+                        "ga-unweighted-seed0": ["--weights", "uniform", "--seed", "0", "--max-evaluations", "96"],
                         # beyond the paper: factors near 1 only (every factor > 1 we tried hurt), a smooth fitness
                         "ga-narrow-seed0": ["--weights", "middle", "--seed", "0", "--factor-max", "1.2",
                                             "--factor-step", "0.01"],
@@ -78,7 +80,7 @@ def search(name, flags, task, args):
         cmd = [sys.executable, os.path.join(ROOT, "layer_rope.py"), "search", "--out", out, "--no-progress",
                "--filler", str(task["filler"]), "--search-samples", str(task["search"]), "--heldout-samples", "0",
                "--population", str(task["population"]), "--generations", str(task["generations"]),
-               "--batch-size", str(args.batch_size), "--device", args.device,
+               "--batch-size", str(args.batch_size), "--device", args.device, "--dtype", args.search_dtype,
                *(["--model", args.model] if args.model else []), *flags]
         print("$", " ".join(cmd[1:]), flush=True)
         subprocess.run(cmd, check=True)  # its main() calls lr.keep_freed_memory()
@@ -111,11 +113,18 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--model", default=None, help="HF model dir or .gguf (default: the embedded SmolLM2)")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--search-dtype", default="bfloat16", choices=sorted(lr.DTYPES),
+                    help="GA searches' dtype, pinned so that a checkpoint resumes alike on any machine")
+    ap.add_argument("--runs", nargs="+", default=None, help="run or resume only these GA runs; the others "
+                    "are reported if done (default: all)")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
     if args.device == "cpu":
         lr.keep_freed_memory()  # this process scores the held-out rows
     task = dict(TASKS[args.task])
+    unknown = sorted(set(args.runs or ()) - set(task["runs"]))
+    if unknown:
+        ap.error(f"--runs: {unknown} are not runs of the {args.task} task ({', '.join(task['runs'])})")
     task["filler"] = task["filler"] if args.filler is None else args.filler
     args.out = args.out or default_out(args.task)
     os.makedirs(os.path.join(args.out, "rows"), exist_ok=True)
@@ -140,13 +149,14 @@ def main():
     searched = {}
     for name, how in plan.items():  # baselines first, then each GA run followed by its held-out row
         file = row_path(args.out, name)
+        skip = args.report_only or ("run" in how and args.runs is not None and name not in args.runs)
         if "run" in how:
             done = os.path.exists(os.path.join(args.out, f"search-{name}.json"))
-            if args.report_only and not done:
+            if skip and not done:
                 continue
             searched[name] = search(name, how.pop("run"), task, args)
             how["factors"] = searched[name][0]
-        if args.report_only and not os.path.exists(file):
+        if skip and not os.path.exists(file):
             continue
         rows[name] = score(file, model, tok, held, baseline=rows["no scaling"], batch_size=args.batch_size, **how)
         print(f"{name}: {rows[name]['mean_accuracy']:.3f}", flush=True)

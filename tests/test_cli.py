@@ -69,6 +69,20 @@ def test_killed_search_resumes_to_the_same_result(tmp_path, reference, sig):
     assert len(logged) == len(set(logged)) == len(reference["evaluations"])  # no individual evaluated twice
 
 
+def test_search_stopped_at_an_evaluation_budget_goes_on_to_the_same_result(tmp_path, reference):
+    out = tmp_path / "s.json"
+    r = cli("search", *SYN, "--out", str(out), "--max-evaluations", "9")
+    assert r.returncode == 0 and "stopped at --max-evaluations 9" in r.stdout, r.stderr
+    _, doc = lr.load_factors(str(out), with_metadata=True)
+    assert doc["result"]["stopped_early"] and len(doc["result"]["evaluations"]) == 9
+    assert doc["result"]["evaluations"] == reference["evaluations"][:9]
+    r = cli("search", *SYN, "--out", str(out))  # the same command without the budget finishes the search
+    assert r.returncode == 0, r.stderr
+    assert lr.load_factors(str(out), with_metadata=True)[1]["result"] == reference
+    r = cli("search", *SYN, "--out", str(tmp_path / "x.json"), "--max-evaluations", "0")
+    assert r.returncode != 0 and "--max-evaluations must be at least 1" in r.stderr
+
+
 def test_bad_checkpoint_is_refused(tmp_path):
     ck = tmp_path / "bad.ckpt.json"
     ck.write_text('{"format": "layer_rope.ga-checkpoint/1", "config": {')

@@ -530,11 +530,17 @@ def test_cli_search_then_heldout_table(tiny_model_dir, tmp_path, capsys):
               *common]
     with pytest.raises(SystemExit, match="held-out"):
         ex.main(search + ["--needle-seed", "0"])
+    with pytest.raises(SystemExit, match="at least 1"):
+        ex.main(search + ["--max-evaluations", "0"])
+    part = ex.main(search + ["--max-evaluations", "2"])["result"]  # stopped early; the same command goes on
+    assert part["stopped_early"] and len(part["evaluations"]) == 2
     record = ex.main(search)
+    assert not record["result"]["stopped_early"] and record["result"]["evaluations"][:2] == part["evaluations"]
     factors, doc = lr.load_factors(out, 4, with_metadata=True)
     assert factors == doc["result"]["factors"] and doc["control_points"] == doc["result"]["control_points"]
     assert doc["objective"]["seed"] == 1 and doc["heldout_seed"] == 0 and doc["objective"]["method"] == "ntk"
-    assert set(doc["timings_s"]) == {"model load", "GA", "base method alone"} and doc["wall_s"] > 0
+    assert set(doc["timings_s"]) == {"model load", "GA (resumed from a checkpoint)", "base method alone"}
+    assert doc["wall_s"] > 0
     assert doc["run"]["dtype"] == "float32" and "peak_rss_mb" in doc["run"]
     assert len(doc["result"]["history"]) == 2
     assert doc["base_method_alone"]["fitness"] == pytest.approx(record["base_method_alone"]["fitness"])

@@ -124,6 +124,29 @@ def test_interrupted_search_resumes_to_the_same_result(tmp_path, fail_after):
     assert again.calls == []
 
 
+@pytest.mark.parametrize("budget", [1, 6, 9, 100])
+def test_evaluation_budget_stops_early_and_resumes_to_the_same_result(tmp_path, budget):
+    ref = lr.genetic_search(lr.synthetic_fitness, CFG, progress=False)
+    n = min(budget, len(ref.evaluations))
+    ck = str(tmp_path / "ck.json")
+    first = Counting()
+    part = lr.genetic_search(first, CFG, checkpoint=ck, progress=False, max_evaluations=budget)
+    assert len(first.calls) == len(part.evaluations) == n
+    assert part.stopped_early == (budget < len(ref.evaluations))
+    assert part.to_json()["evaluations"] == ref.to_json()["evaluations"][:n]  # the same search, cut short
+    assert part.fitness == max(e[1] for e in part.evaluations)
+    assert part.factors == lr.individual_factors(part.best, CFG)
+    rest = Counting()  # no limit: the search goes on as if it had never stopped
+    assert lr.genetic_search(rest, CFG, checkpoint=ck, progress=False).to_json() == ref.to_json()
+    assert not set(first.calls) & set(rest.calls)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "10"])
+def test_bad_evaluation_budget_is_refused(bad):
+    with pytest.raises(ValueError, match="max_evaluations"):
+        lr.genetic_search(lr.synthetic_fitness, CFG, progress=False, max_evaluations=bad)
+
+
 def test_corrupt_or_foreign_checkpoint_is_refused(tmp_path):
     ck = tmp_path / "ck.json"
     lr.genetic_search(lr.synthetic_fitness, CFG, checkpoint=str(ck), progress=False, tag={"a": 1})
