@@ -10,6 +10,12 @@
 # bfloat16, GA population 8 x 7 generations (>= 40 evaluations) with racing, layer 16 held at 1.0 (the
 # layer the KV sensitivity scan found retrieval-critical: results/smollm2-135m-sensitivity.txt).
 # Held-out table: 5 needles per length, depths 0.1 .. 0.9, float32.
+#
+# MAX_EVALS=N stops each search after N evaluations (genetic_search's max_evaluations; the record says
+# stopped_early). The NTK search ran as `MAX_EVALS=28 bash experiments/extrapolation_claim.sh ntk`: 28 of
+# its 44 evaluations, on CPUs with native bfloat16, then a CPU without it (12k bfloat16 forwards several
+# times slower than float32). To finish it: delete results/extrapolation-{search,heldout}-ntk.json (the
+# checkpoint stays) and run without MAX_EVALS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 for method in "${@:-ntk pi}"; do
@@ -17,7 +23,8 @@ for method in "${@:-ntk pi}"; do
     out="results/extrapolation-search-$m.json"
     if [ ! -f "$out" ]; then
       python extrapolation.py search --method "$m" --length 12288 --needles 4 --needle-seed 1 --freeze 16 \
-        --population 8 --generations 7 --seed 0 --dtype bfloat16 --race --no-progress --out "$out"
+        --population 8 --generations 7 --seed 0 --dtype bfloat16 --race --no-progress --out "$out" \
+        ${MAX_EVALS:+--max-evaluations "$MAX_EVALS"}
     fi
     table="results/extrapolation-heldout-$m"
     if [ ! -f "$table.json" ]; then
