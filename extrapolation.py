@@ -796,8 +796,7 @@ def cmd_search(args) -> dict:
     resumed = os.path.exists(checkpoint)
     result = lr.genetic_search(objective, config, checkpoint=checkpoint, tag={"fitness": "passkey",
                                **objective.describe()}, progress=not args.no_progress,
-                               max_evaluations=args.max_evaluations,
-                               race=args.race)
+                               race=args.race, max_evaluations=args.max_evaluations)
     step("GA (resumed from a checkpoint)" if resumed else "GA")
     base = objective.score([1.0] * config.num_layers)
     step("base method alone")
