@@ -5,6 +5,7 @@ every candidate scored on every prompt) and the new way (bfloat16, racing), side
     python benchmarks/bench_fitness.py                          # scorer x3 repeats, then the two searches
     python benchmarks/bench_fitness.py --repeats 1 --generations 2    # a quick look
     python benchmarks/bench_fitness.py --greedy                 # also greedy generate (the old comparison)
+    python benchmarks/bench_fitness.py --scorer-only            # part 1 alone
 
 1. Scorer: prompts/s of score_kv on the search set (20 word-key pairs, 5 gold positions), per dtype and
    batch size, interleaved in a fresh random order every repeat; the correct count of each, which must
@@ -53,10 +54,13 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--finalists", type=int, default=4)
     ap.add_argument("--greedy", action="store_true", help="also time greedy generate + the substring metric")
+    ap.add_argument("--scorer-only", action="store_true", help="part 1 alone (e.g. on a CPU without native bf16)")
     args = ap.parse_args()
 
     examples = lr.kv_sets(20, 5, args.samples, seed=1)
     print(lr.run_info("cpu", "float32 and bfloat16"))
+    print("native bfloat16 (oneDNN):", torch.ops.mkldnn._is_mkldnn_bf16_supported(), "| torch threads:",
+          torch.get_num_threads())
     models = {d: lr.cached_model(None, "cpu", d) for d in ("float32", "bfloat16")}
     variants = [(d, b) for d in models for b in (8, 16)]
     times, correct = {v: [] for v in variants}, {}
@@ -80,6 +84,8 @@ def main():
                      f"{base / seconds:.2f}", f"{hits}/{len(examples)}"])
     print(f"\n## Scorer: {len(examples)} prompts (~240 tokens), median of {args.repeats} repeats\n")
     print(lr.markdown_table(["dtype", "batch", "prompts/s", "x float32 batch 8", "correct"], rows))
+    if args.scorer_only:
+        return
 
     old, old_s, config = run_search("float32", False, 8, examples, args)
     new, new_s, _ = run_search("bfloat16", True, args.batch_size, examples, args)
