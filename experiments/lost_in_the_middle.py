@@ -36,7 +36,7 @@ TASKS = {  # search/held-out prompts per gold position, GA population x generati
                         "linear-middle-seed0": ["--weights", "middle", "--seed", "0", "--curve", "linear"],
                         "step-middle-seed0": ["--weights", "middle", "--seed", "0", "--curve", "step"],
                         # stopped at 96 of 200 evaluations: its last session's CPU had no native bfloat16
-                        # (5.6x slower than float32); drop the budget to go on from the checkpoint. Layer 16
+                        # (~5x slower than float32); drop the budget to go on from the checkpoint. Layer 16
                         # given, not re-scanned: the scan sees the same first search prompts in every run
                         "ga-unweighted-seed0": ["--weights", "uniform", "--seed", "0", "--max-evaluations", "96",
                                                 "--freeze", "16"],
