@@ -1183,9 +1183,8 @@ def genetic_search(fitness: Callable, config: GAConfig, mapper=map, checkpoint: 
 
     if not isinstance(config, GAConfig):
         raise TypeError(f"config must be a GAConfig, got {type(config).__name__}")
-    if max_evaluations is not None and (isinstance(max_evaluations, bool) or not isinstance(max_evaluations, int)
-                                        or max_evaluations < 1):
-        raise ValueError(f"max_evaluations must be a positive integer or None, got {max_evaluations!r}")
+    if max_evaluations is not None:
+        max_evaluations = _check_int("max_evaluations", max_evaluations, 1)
     gen, pop, rng, evaluations, history = _start(config, checkpoint, tag)
     cache = {e[0]: e[1] for e in evaluations}
 

@@ -141,9 +141,10 @@ def test_evaluation_budget_stops_early_and_resumes_to_the_same_result(tmp_path, 
     assert not set(first.calls) & set(rest.calls)
 
 
-@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "10"])
-def test_bad_evaluation_budget_is_refused(bad):
-    with pytest.raises(ValueError, match="max_evaluations"):
+@pytest.mark.parametrize("bad, error", [(0, ValueError), (-3, ValueError), (2.5, TypeError), (True, TypeError),
+                                        ("10", TypeError)])
+def test_bad_evaluation_budget_is_refused(bad, error):
+    with pytest.raises(error, match="max_evaluations"):
         lr.genetic_search(lr.synthetic_fitness, CFG, progress=False, max_evaluations=bad)
 
 
