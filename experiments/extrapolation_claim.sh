@@ -12,22 +12,43 @@
 # Held-out table: 5 needles per length, depths 0.1 .. 0.9, float32.
 #
 # MAX_EVALS=N stops each search after N evaluations (genetic_search's max_evaluations; the record says
-# stopped_early). The NTK search ran as `MAX_EVALS=28 bash experiments/extrapolation_claim.sh ntk`: 28 of
-# its 44 evaluations, on CPUs with native bfloat16, then a CPU without it (12k bfloat16 forwards several
-# times slower than float32). To finish it: delete results/extrapolation-{search,heldout}-ntk.json (the
-# checkpoint stays) and run without MAX_EVALS.
+# stopped_early). The same command without it goes on from the checkpoint (the stopped record supplies the
+# base method's score, so it is not paid for twice), and a held-out table measured with other factors than
+# the search's is redone: its base-method records are kept (same needles, same forward), the +layer ones
+# measured again. The NTK search ran as `MAX_EVALS=28 bash experiments/extrapolation_claim.sh ntk` (28 of
+# its 44 evaluations) on CPUs with native bfloat16, then one without it (12k bfloat16 forwards several
+# times slower than float32); later sessions continue it with `bash experiments/extrapolation_claim.sh ntk`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+finished() {  # the search record exists and ran its whole budget
+  [ -f "$1" ] && python -c 'import json, sys; sys.exit(json.load(open(sys.argv[1]))["result"]["stopped_early"])' "$1"
+}
+
+stale() {  # the held-out table is missing or was measured with other factors than the search found
+  python - "$1" "$2" <<'PY'
+import json, os, sys
+search, table = sys.argv[1:]
+if not os.path.exists(table + ".json"):
+    sys.exit(0)
+with open(search) as f, open(table + ".json") as g:
+    sys.exit(0 if [round(x, 4) for x in json.load(f)["factors"]] != json.load(g)["meta"]["factors"] else 1)
+PY
+}
+
 for method in "${@:-ntk pi}"; do
   for m in $method; do
     out="results/extrapolation-search-$m.json"
-    if [ ! -f "$out" ]; then
+    if ! finished "$out"; then
       python extrapolation.py search --method "$m" --length 12288 --needles 4 --needle-seed 1 --freeze 16 \
         --population 8 --generations 7 --seed 0 --dtype bfloat16 --race --no-progress --out "$out" \
         ${MAX_EVALS:+--max-evaluations "$MAX_EVALS"}
     fi
     table="results/extrapolation-heldout-$m"
-    if [ ! -f "$table.json" ]; then
+    if stale "$out" "$table"; then
+      if [ -f "$table.jsonl" ]; then  # keep the base method's records; the +layer ones carry a factors_sha
+        python -c 'import json, sys; p = sys.argv[1]; keep = [l for l in open(p) if l.strip() and "factors_sha" not in json.loads(l)]; open(p, "w").writelines(keep)' "$table.jsonl"
+      fi
       python extrapolation.py table --lengths 12288 16384 --samples 5 --methods "$m" "$m+layer" \
         --factors "$out" --out "$table" --resume
     fi

@@ -532,20 +532,31 @@ def test_cli_search_then_heldout_table(tiny_model_dir, tmp_path, capsys):
         ex.main(search + ["--needle-seed", "0"])
     with pytest.raises(SystemExit, match="at least 1"):
         ex.main(search + ["--max-evaluations", "0"])
-    part = ex.main(search + ["--max-evaluations", "2"])["result"]  # stopped early; the same command goes on
-    assert part["stopped_early"] and len(part["evaluations"]) == 2
+    stopped = ex.main(search + ["--max-evaluations", "2"])  # stopped early; the same command goes on
+    part = stopped["result"]
+    assert part["stopped_early"] and len(part["evaluations"]) == 2 and stopped["base_method_alone_from"] is None
     record = ex.main(search)
+    assert record["base_method_alone"] == stopped["base_method_alone"] and record["base_method_alone_from"] == out
     assert not record["result"]["stopped_early"] and record["result"]["evaluations"][:2] == part["evaluations"]
     factors, doc = lr.load_factors(out, 4, with_metadata=True)
     assert factors == doc["result"]["factors"] and doc["control_points"] == doc["result"]["control_points"]
     assert doc["objective"]["seed"] == 1 and doc["heldout_seed"] == 0 and doc["objective"]["method"] == "ntk"
-    assert set(doc["timings_s"]) == {"model load", "GA (resumed from a checkpoint)", "base method alone"}
+    assert set(doc["timings_s"]) == {"model load", "GA (resumed from a checkpoint)"}  # base: recorded
     assert doc["wall_s"] > 0
     assert doc["run"]["dtype"] == "float32" and "peak_rss_mb" in doc["run"]
     assert len(doc["result"]["history"]) == 2
     assert doc["base_method_alone"]["fitness"] == pytest.approx(record["base_method_alone"]["fitness"])
     assert os.path.exists(str(tmp_path / "search.ckpt.json"))
     assert ex.main(search)["result"] == record["result"]  # a finished checkpoint: resumed, nothing new
+    with open(out) as f:
+        doc = json.load(f)
+    doc["objective"]["ntk_factor"] = 3.0  # a record of another objective at OUT: its base is scored afresh
+    with open(out, "w") as f:
+        json.dump(doc, f)
+    again = ex.main(search)
+    assert again["base_method_alone_from"] is None and "base method alone" in again["timings_s"]
+    same = {k: v for k, v in record["base_method_alone"].items() if k != "seconds"}
+    assert {k: again["base_method_alone"][k] for k in same} == pytest.approx(same)
 
     prefix = str(tmp_path / "table")
     table = ["table", "--lengths", str(LONG), "--samples", "2", "--factors", out, "--out", prefix, *common]
