@@ -711,6 +711,9 @@ def cmd_table(args) -> dict:
     config = _model_config(args.model)
     trained = config.max_position_embeddings
     factors, source = _table_factors(args, config.num_hidden_layers)
+    layered = any(m.endswith("+layer") for m in args.methods)
+    if not layered:  # the factors play no part in any forward: the record must not name a file as if they did
+        source = "none: no +layer method in --methods"
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     log_path = args.out + ".jsonl"
     if not (args.resume or args.report_only) and os.path.exists(log_path):
@@ -731,7 +734,7 @@ def cmd_table(args) -> dict:
                                      if r["haystack"] == hs and r["length"] == n})
                     for hs, n in sorted({(r["haystack"], r["length"]) for r in records})},
         "seed": args.seed, "ntk_factor": args.ntk_factor, "factors_source": source,
-        "factors": [round(f, 4) for f in factors], "ppl_positions": args.ppl_positions,
+        "factors": [round(f, 4) for f in factors] if layered else None, "ppl_positions": args.ppl_positions,
         "pydoc_sha256": hashlib.sha256(pydoc_text().encode()).hexdigest(),
         "timing": _timing(records), "timing_notes": TIMING_NOTES,
         "notes": (f"PI factor = max(1, L/{trained}); Dynamic-NTK factor {args.ntk_factor} (HF `dynamic`, "

@@ -577,6 +577,10 @@ def test_cli_search_then_heldout_table(tiny_model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit, match="other layer factors"):
         ex.main(["table", "--factors", "profile", "--out", prefix, "--model", tiny_model_dir,
                  "--report-only"])
+    base_only = ex.main(["table", "--lengths", str(LONG), "--samples", "1", "--methods", "ntk",
+                         "--out", str(tmp_path / "ntk-only"), *common])  # no +layer forward: no factors named
+    assert [r["methods"] for r in base_only["records"]] == [["ntk"]]
+    assert base_only["meta"]["factors"] is None and base_only["meta"]["factors_source"].startswith("none")
 
 
 def test_cli_search_over_two_lengths(tiny_model_dir, tmp_path):
