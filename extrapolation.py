@@ -401,28 +401,43 @@ def summarize_extrapolation(records: Sequence[dict]) -> list[dict]:
     return rows
 
 
-def paired_differences(records: Sequence[dict], level: float = 0.95) -> list[dict]:
-    """Per (haystack, length, base method): the key log-prob of base+layer minus base on the same needle
-    (same key, depth and filler), its mean over needles with a Student-t interval at `level`, and how
-    many needles the layer factors helped / hurt. The interval is None below two needles."""
+def paired_needles(a: dict, b: dict, level: float = 0.95) -> dict:
+    """Variant a minus variant b on the needles both measured; a and b map a needle (e.g. its index, or
+    (length, index)) to its record. The key's log-probability: per-needle differences, their mean with a
+    Student-t interval at `level` (None below two needles), how many needles a helped / hurt; passkeys
+    retrieved by each; the mean difference in the filler's log-perplexity and on how many it is lower.
+    Records under one needle must be of the same passkey (ValueError otherwise)."""
     from scipy import stats
 
+    needles = sorted(set(a) & set(b))
+    if clash := [k for k in needles if a[k].get("key") != b[k].get("key")]:
+        raise ValueError(f"needles {clash} hold different passkeys in the two variants: not a paired comparison")
+    d = np.array([a[k]["answer_logprob"] - b[k]["answer_logprob"] for k in needles])
+    ppl = np.array([math.log(a[k]["ppl"]) - math.log(b[k]["ppl"]) for k in needles])
+    half = (float(stats.t.ppf((1 + level) / 2, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d)))
+            if len(d) > 1 else None)
+    mean = float(d.mean()) if len(d) else None
+    return {"n": len(d), "mean": mean, "interval": None if half is None else [mean - half, mean + half],
+            "level": level, "helped": int((d > 0).sum()), "hurt": int((d < 0).sum()), "needles": needles,
+            "differences": d.tolist(), "retrieved": [sum(bool(a[k]["correct"]) for k in needles),
+                                                     sum(bool(b[k]["correct"]) for k in needles)],
+            "log_ppl_mean": float(ppl.mean()) if len(d) else None, "ppl_lower": int((ppl < 0).sum())}
+
+
+def paired_differences(records: Sequence[dict], level: float = 0.95) -> list[dict]:
+    """Per (haystack, length, base method): paired_needles of base+layer against base on the same needle
+    (same key, depth and filler): the key log-prob difference > 0 means the layer factors helped."""
     out = []
     for hs, length in sorted({(r["haystack"], r["length"]) for r in records}):
-        lp = {(m, r["example"]): r["answer_logprob"]  # (method, needle) -> key log-prob
-              for r in records if r["haystack"] == hs and r["length"] == length for m in r["methods"]}
+        by = {}  # method -> {needle: record}
+        for r in records:
+            if r["haystack"] == hs and r["length"] == length:
+                for m in r["methods"]:
+                    by.setdefault(m, {})[r["example"]] = r
         for base in ("pi", "ntk"):
-            needles = sorted(i for m, i in lp if m == base and (base + "+layer", i) in lp)
-            if not needles:
-                continue
-            d = np.array([lp[(base + "+layer", i)] - lp[(base, i)] for i in needles])
-            half = (float(stats.t.ppf((1 + level) / 2, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d)))
-                    if len(d) > 1 else None)
-            mean = float(d.mean())
-            out.append({"haystack": hs, "length": length, "base": base, "n": len(d), "mean": mean,
-                        "interval": None if half is None else [mean - half, mean + half],
-                        "level": level, "helped": int((d > 0).sum()), "hurt": int((d < 0).sum()),
-                        "needles": needles, "differences": d.tolist()})
+            pair = paired_needles(by.get(base + "+layer", {}), by.get(base, {}), level)
+            if pair["n"]:
+                out.append({"haystack": hs, "length": length, "base": base, **pair})
     return out
 
 

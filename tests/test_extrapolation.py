@@ -389,6 +389,21 @@ def test_paired_differences_t_interval():
     assert "## Paired" in md and "| classic | 400 | ntk+layer - ntk | 4 | +1.12 |" in md
 
 
+def test_paired_needles_any_two_variants():
+    a = {(400, i): {**_record(400, i, ["ntk"], v), "key": str(i), "correct": i > 0, "ppl": 2.0}
+         for i, v in enumerate([-1.0, -2.0, -0.5])}
+    b = {(400, i): {**_record(400, i, ["ntk"], v), "key": str(i), "correct": i == 2, "ppl": 2.5}
+         for i, v in enumerate([-2.0, -1.5, -1.5, -9.0])}  # needle 3: b only, not paired
+    p = ex.paired_needles(a, b)
+    assert p["needles"] == [(400, 0), (400, 1), (400, 2)] and p["differences"] == [1.0, -0.5, 1.0]
+    assert (p["helped"], p["hurt"], p["retrieved"]) == (2, 1, [2, 1]) and p["ppl_lower"] == 3
+    assert p["log_ppl_mean"] == pytest.approx(math.log(2.0 / 2.5)) and p["interval"][0] < p["mean"] < p["interval"][1]
+    b[(400, 1)]["key"] = "other"
+    with pytest.raises(ValueError, match="different passkeys"):
+        ex.paired_needles(a, b)
+    assert ex.paired_needles(a, {})["n"] == 0
+
+
 # -- the long-context search fitness ---------------------------------------------------------------
 
 LONG = 300  # tokens: far beyond MAXPOS, room for the fixed prompt parts (~250 characters)
