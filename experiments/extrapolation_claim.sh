@@ -25,14 +25,17 @@ finished() {  # the search record exists and ran its whole budget
   [ -f "$1" ] && python -c 'import json, sys; sys.exit(json.load(open(sys.argv[1]))["result"]["stopped_early"])' "$1"
 }
 
-stale() {  # the held-out table is missing or was measured with other factors than the search found
+stale() {  # the held-out table is missing, or its +layer records carry another fingerprint (the one `table
+           # --resume` checks) than the search's factors
   python - "$1" "$2" <<'PY'
 import json, os, sys
+import extrapolation as ex
 search, table = sys.argv[1:]
 if not os.path.exists(table + ".json"):
     sys.exit(0)
-with open(search) as f, open(table + ".json") as g:
-    sys.exit(0 if [round(x, 4) for x in json.load(f)["factors"]] != json.load(g)["meta"]["factors"] else 1)
+with open(search) as f, open(table + ".jsonl") as g:
+    sha = ex._fingerprint(json.load(f)["factors"])
+    sys.exit(0 if {json.loads(line).get("factors_sha") for line in g if line.strip()} - {None} != {sha} else 1)
 PY
 }
 
