@@ -330,7 +330,7 @@ def extrapolation_table(lengths: Sequence[int], samples: dict, factors: Sequence
                         ntk_factor: float = 2.0, ppl_positions: int = 2048, log_path: str | None = None,
                         model_path: str | None = None, dtype=torch.float32, device: str = "cpu",
                         load: Callable | None = None, log: Callable = print,
-                        methods: Sequence[str] = EXTRAPOLATION_METHODS) -> list[dict]:
+                        methods: Sequence[str] = EXTRAPOLATION_METHODS, remeasure_layer: bool = False) -> list[dict]:
     """Passkey and perplexity of every method at every length: one record per distinct forward.
 
     samples: {length: n examples}; example i at a length of n examples has the needle at
@@ -340,13 +340,23 @@ def extrapolation_table(lengths: Sequence[int], samples: dict, factors: Sequence
     methods: a subset of EXTRAPOLATION_METHODS (e.g. ntk and ntk+layer only, for searched NTK factors).
     load(rope_parameters) -> (model, tok) replaces load_with_rope (tests). A +layer forward reuses its
     base forward's hidden states up to the first scaled layer (exact); its record says layers_run.
+    remeasure_layer: the log's +layer records of other factors (a finished search's new best) are dropped
+    from it and measured again, instead of refused; its base-method records are reused as usual.
     """
     load = load or functools.partial(load_with_rope, model_path=model_path, dtype=dtype, device=device)
-    done = _read_log(log_path)
     model, tok = load(None)
     trained, theta = model.config.max_position_embeddings, float(model.config.rope_parameters["rope_theta"])
     factors = lr.check_factors(factors, lr.num_layers(model))
     fsha = _fingerprint(factors)
+    if remeasure_layer and log_path and os.path.exists(log_path):
+        with open(log_path) as f:
+            lines = [line for line in f if line.strip()]
+        keep = [line for line in lines if json.loads(line).get("factors_sha", fsha) == fsha]
+        if len(keep) < len(lines):
+            with open(log_path, "w") as f:
+                f.writelines(keep)
+            log(f"{log_path}: {len(lines) - len(keep)} +layer records of other factors dropped, to measure again")
+    done = _read_log(log_path)
     haystacks = [haystack] + ([ppl_haystack] if ppl_haystack and ppl_haystack != haystack else [])
     records, loaded = [], "null"  # the model loaded above is the unscaled one
     for i in range(max(samples[n] for n in lengths)):
@@ -673,7 +683,8 @@ def reproducing_argv(argv) -> list[str]:
     out = list(argv)
     while "--note" in out:
         del out[out.index("--note"):out.index("--note") + 2]
-    return [a for a in out if a not in ("--resume", "--report-only") and not a.startswith("--note=")]
+    return [a for a in out if a not in ("--resume", "--remeasure-layer", "--report-only")
+            and not a.startswith("--note=")]
 
 
 def _table_factors(args, num_layers: int) -> tuple[list[float], str]:
@@ -731,7 +742,7 @@ def cmd_table(args) -> dict:
         source = "none: no +layer method in --methods"
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     log_path = args.out + ".jsonl"
-    if not (args.resume or args.report_only) and os.path.exists(log_path):
+    if not (args.resume or args.remeasure_layer or args.report_only) and os.path.exists(log_path):
         os.remove(log_path)
     if args.report_only:
         records, run = _read_records(args, factors)
@@ -739,7 +750,7 @@ def cmd_table(args) -> dict:
         records = extrapolation_table(
             lengths, dict(zip(lengths, counts)), factors, args.haystack, args.ppl_haystack, args.seed,
             args.ntk_factor, args.ppl_positions, log_path, args.model, getattr(torch, args.dtype),
-            args.device, methods=args.methods)
+            args.device, methods=args.methods, remeasure_layer=args.remeasure_layer)
         run = {**lr.run_info(args.device, args.dtype, reproducing_argv(args.argv)), **_machine_load()}
     rows, paired = summarize_extrapolation(records), paired_differences(records)
     meta = {
@@ -883,6 +894,9 @@ def build_parser():
     t.add_argument("--out", default="results/extrapolation-smollm2", 
                    help="output prefix (.json .md .png .jsonl)")
     t.add_argument("--resume", action="store_true", help="reuse records in OUT.jsonl from an interrupted run")
+    t.add_argument("--remeasure-layer", action="store_true",
+                   help="--resume, but measure again the +layer records of other factors than --factors "
+                        "(e.g. a search that found a new best); the base-method records are reused")
     t.add_argument("--report-only", action="store_true",
                    help="write OUT.json/.md/.png from the records in OUT.jsonl without running anything")
     t.add_argument("--note", default="", help="free text appended to the notes of the written table")

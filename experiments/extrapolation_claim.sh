@@ -48,12 +48,9 @@ for method in "${@:-ntk pi}"; do
         ${MAX_EVALS:+--max-evaluations "$MAX_EVALS"}
     fi
     table="results/extrapolation-heldout-$m"
-    if stale "$out" "$table"; then
-      if [ -f "$table.jsonl" ]; then  # keep the base method's records; the +layer ones carry a factors_sha
-        python -c 'import json, sys; p = sys.argv[1]; keep = [l for l in open(p) if l.strip() and "factors_sha" not in json.loads(l)]; open(p, "w").writelines(keep)' "$table.jsonl"
-      fi
+    if stale "$out" "$table"; then  # base-method records kept, +layer ones of other factors measured again
       python extrapolation.py table --lengths 12288 16384 --samples 5 --methods "$m" "$m+layer" \
-        --factors "$out" --out "$table" --resume
+        --factors "$out" --out "$table" --remeasure-layer
     fi
   done
 done

@@ -270,6 +270,20 @@ def test_extrapolation_table_shares_coinciding_methods_and_resumes(tmp_path):
     with pytest.raises(ValueError, match="different passkey"):
         ex.extrapolation_table([MAXPOS * 9], {MAXPOS * 9: 2}, PROFILE, seed=7,
                                log_path=str(log), load=load, ppl_positions=64, log=lambda *a: None)
+    # remeasure_layer: the +layer forwards of other factors are measured again, the base forwards reused
+    said = []
+    redone = ex.extrapolation_table([MAXPOS * 9, MAXPOS * 12], {MAXPOS * 9: 2, MAXPOS * 12: 1}, other,
+                                    log_path=str(log), load=load, ppl_positions=64, log=said.append,
+                                    remeasure_layer=True)
+    assert any("6 +layer records of other factors dropped" in m for m in said)
+    layered = [i for i, r in enumerate(recs) if "factors_sha" in r]
+    assert len(layered) == 6 and all(redone[i] == r for i, r in enumerate(recs) if i not in layered)
+    assert {redone[i]["factors_sha"] for i in layered} == {ex._fingerprint(other)} != {recs[layered[0]]["factors_sha"]}
+    assert len(log.read_text().splitlines()) == len(recs)  # replaced in the log, not appended beside
+    n_loads = len(loads)
+    assert ex.extrapolation_table([MAXPOS * 9, MAXPOS * 12], {MAXPOS * 9: 2, MAXPOS * 12: 1}, other,
+                                  log_path=str(log), load=load, ppl_positions=64, log=lambda *a: None,
+                                  remeasure_layer=True) == redone and len(loads) == n_loads + 1  # all reused
 
 
 def test_extrapolation_table_inside_context_runs_two_forwards():
@@ -592,6 +606,13 @@ def test_cli_search_then_heldout_table(tiny_model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit, match="other layer factors"):
         ex.main(["table", "--factors", "profile", "--out", prefix, "--model", tiny_model_dir,
                  "--report-only"])
+    redo = table[:table.index("--factors")] + ["--factors", "profile"] + table[table.index("--out"):]
+    redone = ex.main(redo + ["--remeasure-layer"])  # the profile's +layer rows measured, the base rows kept
+    assert [r for r in redone["records"] if "factors_sha" not in r] == \
+        [r for r in res["records"] if "factors_sha" not in r]
+    shas = [{r["factors_sha"] for r in doc["records"] if "factors_sha" in r} for doc in (res, redone)]
+    assert len(shas[1]) == 1 and shas[0] != shas[1]
+    assert "--remeasure-layer" not in redone["meta"]["command"] and redone["meta"]["command"].endswith(" ".join(redo))
     base_only = ex.main(["table", "--lengths", str(LONG), "--samples", "1", "--methods", "ntk",
                          "--out", str(tmp_path / "ntk-only"), *common])  # no +layer forward: no factors named
     assert [r["methods"] for r in base_only["records"]] == [["ntk"]]
