@@ -850,18 +850,22 @@ def kv_fitness(model, tok, examples: Sequence[KVExample], factors=None, weights=
 
 def paired_comparison(a: KVFitness, b: KVFitness, resamples: int = 10000, seed: int = 0) -> dict:
     """a against b scored on the same prompts: mean accuracy difference a - b with a 95% paired bootstrap
-    interval over prompts, and the exact McNemar test (binomial test on the discordant prompts)."""
+    interval over prompts, and the exact McNemar test (binomial test on the discordant prompts); the same
+    for the gold log-prob (nats, summed over the answer's tokens), a smooth measure of the same change."""
     from scipy.stats import binomtest
 
     if a.gold_index != b.gold_index or not (a.complete and b.complete):
         raise ValueError("a paired comparison needs two complete scores of the same prompts")
-    x, y = np.array(a.correct, dtype=float), np.array(b.correct, dtype=float)
-    diff = x - y
-    boot = diff[np.random.default_rng(seed).integers(0, len(diff), (resamples, len(diff)))].mean(axis=1)
+    diff = np.array(a.correct, dtype=float) - np.array(b.correct, dtype=float)
+    dlp = np.array(a.logprobs, dtype=float) - np.array(b.logprobs, dtype=float)
+    idx = np.random.default_rng(seed).integers(0, len(diff), (resamples, len(diff)))  # one resampling for both
     only_a, only_b = int(np.sum(diff > 0)), int(np.sum(diff < 0))
     p = binomtest(only_a, only_a + only_b).pvalue if only_a + only_b else 1.0
-    return {"difference": float(diff.mean()), "ci95": [float(q) for q in np.quantile(boot, [0.025, 0.975])],
-            "only_a_right": only_a, "only_b_right": only_b, "mcnemar_p": float(p), "n": len(diff)}
+    return {"difference": float(diff.mean()), "ci95": [float(q) for q in np.quantile(diff[idx].mean(1), [0.025, 0.975])],
+            "only_a_right": only_a, "only_b_right": only_b, "mcnemar_p": float(p), "n": len(diff),
+            "logprob_difference": float(dlp.mean()),
+            "logprob_ci95": [float(q) for q in np.quantile(dlp[idx].mean(1), [0.025, 0.975])],
+            "logprob_higher": int(np.sum(dlp > 0)), "logprob_lower": int(np.sum(dlp < 0))}
 
 
 @dataclasses.dataclass

@@ -126,15 +126,17 @@ def test_wilson_interval_and_paired_comparison():
     assert lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)  # textbook values
     assert lr.wilson_interval(0, 10)[0] == 0.0 and lr.wilson_interval(0, 0) == (0.0, 1.0)
 
-    def fit(correct):
+    def fit(correct, logprobs=None):
         return lr.KVFitness(0.0, 0.0, {0: 0.0}, {0: 0.0}, len(correct), 1.0, [0] * len(correct), correct,
-                            [0.0] * len(correct))
+                            [0.0] * len(correct) if logprobs is None else logprobs)
 
-    a, b = fit([True] * 9 + [False] * 11), fit([False] * 20)
+    a, b = fit([True] * 9 + [False] * 11, [-1.0] * 10 + [-3.0] * 10), fit([False] * 20)
     cmp = lr.paired_comparison(a, b)
     assert cmp["difference"] == pytest.approx(0.45) and cmp["only_a_right"] == 9 and cmp["only_b_right"] == 0
     assert cmp["mcnemar_p"] == pytest.approx(2 * 0.5 ** 9)  # exact two-sided binomial on 9 discordant pairs
     assert cmp["ci95"][0] > 0 and cmp["ci95"][1] <= 1
+    assert cmp["logprob_difference"] == pytest.approx(-2.0) and (cmp["logprob_higher"], cmp["logprob_lower"]) == (0, 20)
+    assert -3.0 <= cmp["logprob_ci95"][0] < -2.0 < cmp["logprob_ci95"][1] <= -1.0  # halves at -1 and -3
     assert lr.paired_comparison(a, a)["mcnemar_p"] == 1.0
     with pytest.raises(ValueError, match="same prompts"):
         lr.paired_comparison(a, fit([True] * 3))
