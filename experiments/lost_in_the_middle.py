@@ -191,18 +191,24 @@ def default_out(task):
     return os.path.join(ROOT, "results", f"lim-{task}")
 
 
+def logprob_report(rows, baseline="no scaling"):
+    """Markdown table of each row's mean gold log-prob and its paired difference to `baseline` (bootstrap over
+    prompts), and those comparisons: a smooth measure that shows a shift too small to flip answers."""
+    base = lr.KVFitness.from_json(rows[baseline])
+    lp = {k: lr.paired_comparison(lr.KVFitness.from_json(v), base) for k, v in rows.items() if k != baseline}
+    text = lr.markdown_table(
+        ["factors", "mean gold log-prob (nats)", f"vs {baseline} [95% paired bootstrap]", "prompts higher / lower"],
+        [[k, f"{np.mean(v['logprobs']):.3f}", "-" if k not in lp else
+          f"{lp[k]['logprob_difference']:+.3f} [{lp[k]['logprob_ci95'][0]:+.3f}, {lp[k]['logprob_ci95'][1]:+.3f}]",
+          "-" if k not in lp else f"{lp[k]['logprob_higher']} / {lp[k]['logprob_lower']}"] for k, v in rows.items()])
+    return text, lp
+
+
 def report(args, task, rows, searched, held):
     positions = sorted(rows["no scaling"]["accuracy"], key=int)
     n = len(held) // len(positions)
     text = lr.kv_report(rows)
-    # the gold log-prob, paired: a smooth measure that shows a shift too small to flip answers
-    base = lr.KVFitness.from_json(rows["no scaling"])
-    lp = {k: lr.paired_comparison(lr.KVFitness.from_json(v), base) for k, v in rows.items() if k != "no scaling"}
-    lp_text = lr.markdown_table(
-        ["factors", "mean gold log-prob (nats)", "vs no scaling [95% paired bootstrap]", "prompts higher / lower"],
-        [[k, f"{np.mean(v['logprobs']):.3f}", "-" if k not in lp else
-          f"{lp[k]['logprob_difference']:+.3f} [{lp[k]['logprob_ci95'][0]:+.3f}, {lp[k]['logprob_ci95'][1]:+.3f}]",
-          "-" if k not in lp else f"{lp[k]['logprob_higher']} / {lp[k]['logprob_lower']}"] for k, v in rows.items()])
+    lp_text, lp = logprob_report(rows)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(f"{n} held-out prompts per gold position (seed 2), filler {task['filler']}; accuracy [95% Wilson]\n\n"
                 + text + "\n\nThe gold value's log-probability (summed over its tokens), the same prompts:\n\n"
