@@ -17,7 +17,9 @@
 # the search's is redone: its base-method records are kept (same needles, same forward), the +layer ones
 # measured again. The NTK search ran as `MAX_EVALS=28 bash experiments/extrapolation_claim.sh ntk` (28 of
 # its 44 evaluations) on CPUs with native bfloat16, then one without it (12k bfloat16 forwards several
-# times slower than float32); later sessions continue it with `bash experiments/extrapolation_claim.sh ntk`.
+# times slower than float32); later sessions finished it with `bash experiments/extrapolation_claim.sh ntk`.
+# The PI search and table ran as `bash experiments/extrapolation_claim.sh pi` in one session (killed once
+# and resumed from its checkpoint to change the thread count).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
