@@ -859,12 +859,15 @@ def paired_comparison(a: KVFitness, b: KVFitness, resamples: int = 10000, seed: 
     diff = np.array(a.correct, dtype=float) - np.array(b.correct, dtype=float)
     dlp = np.array(a.logprobs, dtype=float) - np.array(b.logprobs, dtype=float)
     idx = np.random.default_rng(seed).integers(0, len(diff), (resamples, len(diff)))  # one resampling for both
+
+    def ci95(d):
+        return [float(q) for q in np.quantile(d[idx].mean(axis=1), [0.025, 0.975])]
+
     only_a, only_b = int(np.sum(diff > 0)), int(np.sum(diff < 0))
     p = binomtest(only_a, only_a + only_b).pvalue if only_a + only_b else 1.0
-    return {"difference": float(diff.mean()), "ci95": [float(q) for q in np.quantile(diff[idx].mean(1), [0.025, 0.975])],
+    return {"difference": float(diff.mean()), "ci95": ci95(diff),
             "only_a_right": only_a, "only_b_right": only_b, "mcnemar_p": float(p), "n": len(diff),
-            "logprob_difference": float(dlp.mean()),
-            "logprob_ci95": [float(q) for q in np.quantile(dlp[idx].mean(1), [0.025, 0.975])],
+            "logprob_difference": float(dlp.mean()), "logprob_ci95": ci95(dlp),
             "logprob_higher": int(np.sum(dlp > 0)), "logprob_lower": int(np.sum(dlp < 0))}
 
 
