@@ -33,9 +33,10 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 import torch
 
+import harness
 import layer_rope as lr
 
-PASSKEY_FILLER = lr.FILLER  # the classic grass/sky filler, shared with the long-range KV task
+PASSKEY_FILLER = harness.FILLER  # the classic grass/sky filler, shared with the long-range KV task
 PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
                  "them. I will quiz you about the important information there.")
 PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
@@ -260,7 +261,7 @@ def load_with_rope(rope_parameters: dict | None, model_path: str | None = None, 
     """(model, tokenizer) of `model_path` (default: the embedded model) with its rope_parameters replaced
     (None: as trained)."""
     overrides = {} if rope_parameters is None else {"rope_parameters": rope_parameters}
-    return lr.load_model(model_path, dtype=dtype, device=device, **overrides)
+    return harness.load_model(model_path, dtype=dtype, device=device, **overrides)
 
 
 # -- the table: every method at every length on the held-out needles -------------------------------
@@ -467,7 +468,7 @@ def extrapolation_markdown(rows: Sequence[dict], meta: dict, paired: Sequence[di
         table = [[r["length"], r["method"], r["n"], f"{r['passkey_acc']:.2f}", f"{r['answer_logprob']:.2f}",
                   f"{r['ppl']:.2f}", f"{r['ppl_tail']:.2f}", f"{r['seconds']:.1f}", r["layers_run"],
                   ", ".join(r["same_as"]) or "-"] for r in rows if r["haystack"] == hs]
-        lines += ["", f"## Haystack: {hs}", "", lr.markdown_table(header, table), "",
+        lines += ["", f"## Haystack: {hs}", "", harness.markdown_table(header, table), "",
                   "(layers run: decoder layers this forward computed; fewer than all = the +layer forward "
                   "started from its base method's hidden states at the first scaled layer, which is exact)"]
     if paired:
@@ -476,7 +477,7 @@ def extrapolation_markdown(rows: Sequence[dict], meta: dict, paired: Sequence[di
                   "-" if p["interval"] is None else f"[{p['interval'][0]:+.2f}, {p['interval'][1]:+.2f}]",
                   f"{p['helped']} / {p['hurt']}", " ".join(f"{d:+.2f}" for d in p["differences"])]
                  for p in paired]
-        lines += ["", "## Paired: base + layer minus base, same needle", "", lr.markdown_table(
+        lines += ["", "## Paired: base + layer minus base, same needle", "", harness.markdown_table(
             ["haystack", "length", "difference", "needles", "mean (nats)", f"{level} t-interval",
              "helped / hurt", "per needle"], table), "",
             "Key log-probability of base+layer minus base on the same needle (same key, depth and filler); "
@@ -485,7 +486,7 @@ def extrapolation_markdown(rows: Sequence[dict], meta: dict, paired: Sequence[di
     if "timing" in meta:
         table = [[t["length"], f"{t['forwards']} ({t['full_forwards']})", f"{t['median_seconds']:.1f}"]
                  for t in meta["timing"]]
-        lines += ["", "## Time per forward", "", lr.markdown_table(
+        lines += ["", "## Time per forward", "", harness.markdown_table(
             ["length", "forwards (full)", "median s per full forward"], table)]
         lines += ["", meta["timing_notes"]] if "timing_notes" in meta else []
     return "\n".join(lines + [""])
@@ -496,7 +497,7 @@ def plot_extrapolation(rows: Sequence[dict], path: str, *, title: str, trained_c
     retrieved); right: haystack perplexity (log scale). Methods are nudged apart on x so that coinciding
     methods (all of them inside the trained context) stay visible."""
     haystacks = sorted({r["haystack"] for r in rows})
-    fig, axes = lr.figure(len(haystacks), 2, figsize=(12, 4.2 * len(haystacks)), squeeze=False)
+    fig, axes = harness.figure(len(haystacks), 2, figsize=(12, 4.2 * len(haystacks)), squeeze=False)
     for (left, right), hs in zip(axes, haystacks):
         for j, m in enumerate(EXTRAPOLATION_METHODS):
             rs = sorted((r for r in rows if r["haystack"] == hs and r["method"] == m),
@@ -671,7 +672,7 @@ def _model_config(path: str | None):
     """The model's config without its weights (a GGUF file's metadata, or config.json)."""
     from transformers import AutoConfig
 
-    path = path or lr.embedded_model_path()
+    path = path or harness.embedded_model_path()
     if path.endswith(".gguf"):
         folder, name = os.path.split(os.path.abspath(path))
         return AutoConfig.from_pretrained(folder, gguf_file=name)
@@ -718,7 +719,7 @@ def _read_records(args, factors: list) -> tuple[list[dict], dict]:
     if os.path.exists(args.out + ".json"):
         with open(args.out + ".json") as f:
             old = json.load(f).get("meta", {})
-    run = lr.run_info(args.device, args.dtype, args.argv)
+    run = harness.run_info(args.device, args.dtype, args.argv)
     measured = {k: v for k, v in old.items() if k in set(run) | {"peak_rss_mb", "loadavg_1min"}}
     legacy = [r["peak_rss_mb"] for r in records if "peak_rss_mb" in r]  # logs that kept it per forward
     if legacy and "peak_rss_mb" not in measured:
@@ -751,7 +752,7 @@ def cmd_table(args) -> dict:
             lengths, dict(zip(lengths, counts)), factors, args.haystack, args.ppl_haystack, args.seed,
             args.ntk_factor, args.ppl_positions, log_path, args.model, getattr(torch, args.dtype),
             args.device, methods=args.methods, remeasure_layer=args.remeasure_layer)
-        run = {**lr.run_info(args.device, args.dtype, reproducing_argv(args.argv)), **_machine_load()}
+        run = {**harness.run_info(args.device, args.dtype, reproducing_argv(args.argv)), **_machine_load()}
     rows, paired = summarize_extrapolation(records), paired_differences(records)
     meta = {
         "model": os.path.basename(args.model) if args.model else EMBEDDED_NAME,
@@ -843,7 +844,7 @@ def cmd_search(args) -> dict:
     if base is None:
         base, base_from = objective.score([1.0] * config.num_layers), None
         step("base method alone")
-    record = {"run": {**lr.run_info(args.device, args.dtype, args.argv), **_machine_load()},
+    record = {"run": {**harness.run_info(args.device, args.dtype, args.argv), **_machine_load()},
               "settings": {k: v for k, v in vars(args).items() if k not in ("func", "argv")},
               "objective": objective.describe(), "heldout_seed": HELDOUT_SEED, "ga": config.to_json(),
               "result": result.to_json(), "base_method_alone": base, "base_method_alone_from": base_from,
@@ -942,7 +943,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     args.argv = argv
     if args.device == "cpu":
-        lr.keep_freed_memory()
+        harness.keep_freed_memory()
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -26,17 +26,19 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import harness  # noqa: E402
+import kv_retrieval as kv  # noqa: E402
 import layer_rope as lr  # noqa: E402
 
 
 def time_scorer(model, tok, examples, batch_size):
     t = time.perf_counter()
-    scores = lr.score_kv(model, tok, examples, batch_size=batch_size)
+    scores = kv.score_kv(model, tok, examples, batch_size=batch_size)
     return time.perf_counter() - t, sum(s.correct for s in scores)
 
 
 def run_search(dtype, race, batch_size, examples, args):
-    objective = lr.KVObjective(examples, None, "cpu", dtype, batch_size=batch_size)
+    objective = kv.KVObjective(examples, None, "cpu", dtype, batch_size=batch_size)
     config = lr.GAConfig(num_layers=30, freeze=(16,), population=args.population, generations=args.generations,
                          seed=args.seed)
     t = time.perf_counter()
@@ -57,11 +59,11 @@ def main():
     ap.add_argument("--scorer-only", action="store_true", help="part 1 alone (e.g. on a CPU without native bf16)")
     args = ap.parse_args()
 
-    examples = lr.kv_sets(20, 5, args.samples, seed=1)
-    print(lr.run_info("cpu", "float32 and bfloat16"))
+    examples = kv.kv_sets(20, 5, args.samples, seed=1)
+    print(harness.run_info("cpu", "float32 and bfloat16"))
     print("native bfloat16 (oneDNN):", torch.ops.mkldnn._is_mkldnn_bf16_supported(), "| torch threads:",
           torch.get_num_threads())
-    models = {d: lr.cached_model(None, "cpu", d) for d in ("float32", "bfloat16")}
+    models = {d: harness.cached_model(None, "cpu", d) for d in ("float32", "bfloat16")}
     variants = [(d, b) for d in models for b in (8, 16)]
     times, correct = {v: [] for v in variants}, {}
     for v in variants:  # warm-up
@@ -77,13 +79,13 @@ def main():
             for d, b in sorted(times)]
     if args.greedy:
         t = time.perf_counter()
-        answers = lr.greedy_answers(*models["float32"], examples)
+        answers = kv.greedy_answers(*models["float32"], examples)
         seconds = time.perf_counter() - t
-        hits = sum(lr.kv_correct(a, ex.value) for a, ex in zip(answers, examples))
+        hits = sum(kv.kv_correct(a, ex.value) for a, ex in zip(answers, examples))
         rows.append(["float32 greedy generate", 8, f"{len(examples) / seconds:.2f}",
                      f"{base / seconds:.2f}", f"{hits}/{len(examples)}"])
     print(f"\n## Scorer: {len(examples)} prompts (~240 tokens), median of {args.repeats} repeats\n")
-    print(lr.markdown_table(["dtype", "batch", "prompts/s", "x float32 batch 8", "correct"], rows))
+    print(harness.markdown_table(["dtype", "batch", "prompts/s", "x float32 batch 8", "correct"], rows))
     if args.scorer_only:
         return
 
@@ -94,12 +96,12 @@ def main():
     model32, tok = models["float32"]
     full = [e for e in new.evaluations if e[3] == len(examples)]
     finalists = sorted(full, key=lambda e: -e[1])[:args.finalists]
-    rescored = {e[0]: lr.kv_fitness(model32, tok, examples, lr.individual_factors(e[0], config)).fitness
+    rescored = {e[0]: kv.kv_fitness(model32, tok, examples, lr.individual_factors(e[0], config)).fitness
                 for e in finalists}
     pick = max(rescored, key=rescored.get)
     print(f"\n## The same search (GA population {args.population}, {args.generations} generations, seed "
           f"{args.seed}, layer 16 frozen, {len(examples)} prompts)\n")
-    print(lr.markdown_table(
+    print(harness.markdown_table(
         ["path", "wall s", "evaluations", "prompts scored", "candidates/hour", "x old", "best fitness"],
         [["old: float32, batch 8, full scoring", f"{old_s:.0f}", len(old.evaluations), scored["old"],
           f"{per_hour['old']:.0f}", "1.00", f"{old.fitness:.4f}"],

@@ -1,5 +1,5 @@
 """glibc malloc settings for CPU scoring: the same KV scoring in fresh processes, default malloc vs
-lr.keep_freed_memory() (mallopt: freed activation buffers are kept, not unmapped and faulted in again as
+harness.keep_freed_memory() (mallopt: freed activation buffers are kept, not unmapped and faulted in again as
 zeroed pages), alternating A/B so that machine load hits both alike.
 
     python benchmarks/bench_malloc.py [--pairs 2] [--prompts 16] [--repeats 3]
@@ -18,19 +18,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")  # removed from the children: mallopt alone decides
 CHILD = """
 import json, resource, sys, time
+import harness
+import kv_retrieval as kv
 import layer_rope as lr
 prompts, repeats, tuned = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "tuned"
-if tuned and not lr.keep_freed_memory():
+if tuned and not harness.keep_freed_memory():
     raise SystemExit("mallopt is not available (not glibc)")
-model, tok = lr.cached_model(None, "cpu", lr.default_dtype("cpu"))
-examples = lr.kv_sets(20, 5, -(-prompts // 5), 1)[:prompts]
-lr.kv_fitness(model, tok, examples, batch_size=16)  # warm-up
+model, tok = harness.cached_model(None, "cpu", harness.default_dtype("cpu"))
+examples = kv.kv_sets(20, 5, -(-prompts // 5), 1)[:prompts]
+kv.kv_fitness(model, tok, examples, batch_size=16)  # warm-up
 r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.time()
 for _ in range(repeats):
-    lr.kv_fitness(model, tok, examples, [1.1] * lr.num_layers(model), batch_size=16)
+    kv.kv_fitness(model, tok, examples, [1.1] * lr.num_layers(model), batch_size=16)
 r1 = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({"cpu_s": r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime, "wall_s": time.time() - t0,
-                  "minflt": r1.ru_minflt - r0.ru_minflt, "dtype": lr.default_dtype("cpu")}))
+                  "minflt": r1.ru_minflt - r0.ru_minflt, "dtype": harness.default_dtype("cpu")}))
 """
 
 

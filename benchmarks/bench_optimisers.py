@@ -25,6 +25,8 @@ import warnings
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import harness  # noqa: E402
+import kv_retrieval as kv  # noqa: E402
 import layer_rope as lr  # noqa: E402
 
 CONFIG = lr.GAConfig(num_layers=30)  # replaced in main() when --freeze is given
@@ -120,10 +122,10 @@ def synthetic_objective():
 
 
 def real_objective(n_per_position, positions):
-    model, tok = lr.load_model()
-    pos = lr.gold_positions(20, positions)
-    examples = [ex for p in pos for ex in lr.make_kv_examples(n_per_position, num_pairs=20, gold_index=p, seed=1)]
-    return lambda factors: lr.kv_fitness(model, tok, examples, factors).fitness
+    model, tok = harness.load_model()
+    pos = kv.gold_positions(20, positions)
+    examples = [ex for p in pos for ex in kv.make_kv_examples(n_per_position, num_pairs=20, gold_index=p, seed=1)]
+    return lambda factors: kv.kv_fitness(model, tok, examples, factors).fitness
 
 
 def main():

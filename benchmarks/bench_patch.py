@@ -28,6 +28,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import harness  # noqa: E402
 import layer_rope as lr  # noqa: E402
 
 VARIANTS = {
@@ -87,7 +88,7 @@ def summarize(times, base):
 
 def one_rss(variant, length):
     """Child process: one prefill forward of `variant` at `length`, print peak RSS in MiB."""
-    model, _ = lr.load_model()
+    model, _ = harness.load_model()
     ids = torch.randint(100, 20000, (1, length), generator=torch.Generator().manual_seed(0))
     run_variant(model, variant, lambda: prefill_seconds(model, ids))
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -104,7 +105,7 @@ def main():
     if args.one_rss:
         return one_rss(args.one_rss[0], int(args.one_rss[1]))
 
-    model, _ = lr.load_model()
+    model, _ = harness.load_model()
     rng = random.Random(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus, float32, SDPA, "
           f"SmolLM2-135M-Instruct")

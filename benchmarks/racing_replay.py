@@ -17,6 +17,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import harness  # noqa: E402
+import kv_retrieval as kv  # noqa: E402
 import layer_rope as lr  # noqa: E402
 
 
@@ -26,10 +28,10 @@ def main():
     args = ap.parse_args()
     _, doc = lr.load_factors(args.search, with_metadata=True)
     st, config = doc["settings"], lr.GAConfig(**doc["ga"])
-    examples = lr.kv_sets(st["pairs"], st["positions"], st["search_samples"], st["search_seed"], st["data"], 0,
+    examples = kv.kv_sets(st["pairs"], st["positions"], st["search_samples"], st["search_seed"], st["data"], 0,
                           st["filler"])
     recorded = {tuple(e[0]): e for e in doc["result"]["evaluations"]}
-    model, tok = lr.cached_model(st["model"], st["device"], st["dtype"])
+    model, tok = harness.cached_model(st["model"], st["device"], st["dtype"])
     kw = dict(weights=st["weights"], chat=st["chat"], batch_size=st["batch_size"], objective=st["objective"])
     by_factors = {tuple(lr.individual_factors(ind, config)): ind for ind in recorded}
     full, started = {}, time.time()
@@ -38,7 +40,7 @@ def main():
         ind = by_factors.get(tuple(factors))
         if ind is not None and recorded[ind][3] in (None, len(examples)):
             return recorded[ind][1]
-        full[tuple(factors)] = lr.kv_fitness(model, tok, examples, factors, **kw).fitness
+        full[tuple(factors)] = kv.kv_fitness(model, tok, examples, factors, **kw).fitness
         return full[tuple(factors)]
 
     replay = lr.genetic_search(fitness, config, progress=False)

@@ -28,6 +28,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import baselines  # noqa: E402
+import harness  # noqa: E402
+import kv_retrieval as kv  # noqa: E402
 import layer_rope as lr  # noqa: E402
 
 TASKS = {  # search/held-out prompts per gold position, GA population x generations, GA runs
@@ -80,13 +82,13 @@ def load_rows(out) -> dict:
 def search(name, flags, task, args):
     out = os.path.join(args.out, f"search-{name}.json")
     if not os.path.exists(out):
-        cmd = [sys.executable, os.path.join(ROOT, "layer_rope.py"), "search", "--out", out, "--no-progress",
+        cmd = [sys.executable, os.path.join(ROOT, "kv_retrieval.py"), "search", "--out", out, "--no-progress",
                "--filler", str(task["filler"]), "--search-samples", str(task["search"]), "--heldout-samples", "0",
                "--population", str(task["population"]), "--generations", str(task["generations"]),
                "--batch-size", str(args.batch_size), "--device", args.device, "--dtype", args.search_dtype,
                *(["--model", args.model] if args.model else []), *flags]
         print("$", " ".join(cmd[1:]), flush=True)
-        subprocess.run(cmd, check=True)  # its main() calls lr.keep_freed_memory()
+        subprocess.run(cmd, check=True)  # its main() calls harness.keep_freed_memory()
     return lr.load_factors(out, with_metadata=True)
 
 
@@ -97,13 +99,13 @@ def score(path, model, tok, held, factors=None, mspoe=None, baseline=None, batch
             return json.load(f)
     started = time.time()
     if mspoe is None:
-        fit = lr.kv_fitness(model, tok, held, factors, batch_size=batch_size)
+        fit = kv.kv_fitness(model, tok, held, factors, batch_size=batch_size)
     else:
         with baselines.mspoe(model, order=mspoe):
-            fit = lr.kv_fitness(model, tok, held, None, batch_size=batch_size)
+            fit = kv.kv_fitness(model, tok, held, None, batch_size=batch_size)
     row = dict(fit.to_json(), seconds=round(time.time() - started, 1))
     if baseline is not None:
-        row["vs_baseline"] = lr.paired_comparison(fit, lr.KVFitness.from_json(baseline))
+        row["vs_baseline"] = kv.paired_comparison(fit, kv.KVFitness.from_json(baseline))
     lr.write_json(path, row)
     return row
 
@@ -116,14 +118,14 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--model", default=None, help="HF model dir or .gguf (default: the embedded SmolLM2)")
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--search-dtype", default="bfloat16", choices=sorted(lr.DTYPES),
+    ap.add_argument("--search-dtype", default="bfloat16", choices=sorted(harness.DTYPES),
                     help="GA searches' dtype, pinned so that a checkpoint resumes alike on any machine")
     ap.add_argument("--runs", nargs="+", default=None, help="run or resume only these GA runs; the others "
                     "are reported if done (default: all)")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
     if args.device == "cpu":
-        lr.keep_freed_memory()  # this process scores the held-out rows
+        harness.keep_freed_memory()  # this process scores the held-out rows
     task = dict(TASKS[args.task])
     unknown = sorted(set(args.runs or ()) - set(task["runs"]))
     if unknown:
@@ -131,15 +133,15 @@ def main():
     task["filler"] = task["filler"] if args.filler is None else args.filler
     args.out = args.out or default_out(args.task)
     os.makedirs(os.path.join(args.out, "rows"), exist_ok=True)
-    search_set = lr.kv_sets(20, 5, task["search"], 1, filler=task["filler"])
-    held = lr.kv_sets(20, 5, task["heldout"], 2, filler=task["filler"])
-    lr.check_disjoint(search_set, held)
+    search_set = kv.kv_sets(20, 5, task["search"], 1, filler=task["filler"])
+    held = kv.kv_sets(20, 5, task["heldout"], 2, filler=task["filler"])
+    kv.check_disjoint(search_set, held)
 
-    model, tok = lr.load_model(args.model, "float32", args.device)
+    model, tok = harness.load_model(args.model, "float32", args.device)
     layers = lr.num_layers(model)
     upath = os.path.join(args.out, "uniform.json")
     if not os.path.exists(upath) and not args.report_only:
-        fit = {u: lr.kv_fitness(model, tok, search_set, [u] * layers, batch_size=args.batch_size).fitness
+        fit = {u: kv.kv_fitness(model, tok, search_set, [u] * layers, batch_size=args.batch_size).fitness
                for u in UNIFORM}
         lr.write_json(upath, {"search_set_fitness": {str(u): f for u, f in fit.items()},
                               "best": max(UNIFORM, key=lambda u: (fit[u], -u))})
@@ -194,9 +196,9 @@ def default_out(task):
 def logprob_report(rows, baseline="no scaling"):
     """Markdown table of each row's mean gold log-prob and its paired difference to `baseline` (bootstrap over
     prompts), and those comparisons: a smooth measure that shows a shift too small to flip answers."""
-    base = lr.KVFitness.from_json(rows[baseline])
-    lp = {k: lr.paired_comparison(lr.KVFitness.from_json(v), base) for k, v in rows.items() if k != baseline}
-    text = lr.markdown_table(
+    base = kv.KVFitness.from_json(rows[baseline])
+    lp = {k: kv.paired_comparison(kv.KVFitness.from_json(v), base) for k, v in rows.items() if k != baseline}
+    text = harness.markdown_table(
         ["factors", "mean gold log-prob (nats)", f"vs {baseline} [95% paired bootstrap]", "prompts higher / lower"],
         [[k, f"{np.mean(v['logprobs']):.3f}", "-" if k not in lp else
           f"{lp[k]['logprob_difference']:+.3f} [{lp[k]['logprob_ci95'][0]:+.3f}, {lp[k]['logprob_ci95'][1]:+.3f}]",
@@ -207,14 +209,14 @@ def logprob_report(rows, baseline="no scaling"):
 def report(args, task, rows, searched, held):
     positions = sorted(rows["no scaling"]["accuracy"], key=int)
     n = len(held) // len(positions)
-    text = lr.kv_report(rows)
+    text = kv.kv_report(rows)
     lp_text, lp = logprob_report(rows)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(f"{n} held-out prompts per gold position (seed 2), filler {task['filler']}; accuracy [95% Wilson]\n\n"
                 + text + "\n\nThe gold value's log-probability (summed over its tokens), the same prompts:\n\n"
                 + lp_text + "\n")
     lr.write_json(os.path.join(args.out, "summary.json"), {
-        "task": task, **lr.run_info(args.device, "float32 (held-out)"), "rows": {
+        "task": task, **harness.run_info(args.device, "float32 (held-out)"), "rows": {
             k: {**{x: v[x] for x in ("accuracy", "accuracy_ci95", "mean_accuracy", "vs_baseline", "seconds") if x in v},
                 "logprob_vs_baseline": {x: y for x, y in lp[k].items() if x.startswith("logprob")} if k in lp else None}
             for k, v in rows.items()},
@@ -222,7 +224,7 @@ def report(args, task, rows, searched, held):
                          "finalists": doc.get("finalists"), "racing": doc.get("racing"), "timings_s": doc.get("timings_s"),
                          "command": doc.get("command")} for k, (f, doc) in searched.items()}}, indent=1)
     factor_sets = {name: f for name, (f, _) in searched.items()}
-    lr.plot_kv(os.path.join(args.out, "accuracy.png"), rows, factor_sets,
+    kv.plot_kv(os.path.join(args.out, "accuracy.png"), rows, factor_sets,
                f"SmolLM2-135M, {args.task} task (filler {task['filler']}): {n} held-out prompts per position")
     save_best(args, searched, rows)
     print(text)

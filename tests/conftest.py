@@ -30,10 +30,10 @@ def tiny_llama(seed=0, **kw):
 @pytest.fixture(scope="session")
 def smollm2():
     """The embedded SmolLM2-135M-Instruct (float32, SDPA); ~0.3 s after the first, cached, load."""
-    import layer_rope
+    import harness
 
     try:
-        layer_rope.embedded_model_path()
+        harness.embedded_model_path()
     except FileNotFoundError as e:
         pytest.fail(str(e))
-    return layer_rope.load_model()
+    return harness.load_model()

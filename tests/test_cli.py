@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+import harness
 import layer_rope as lr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,7 +18,7 @@ SYN = ["--synthetic", "--population", "6", "--generations", "5", "--seed", "7", 
 
 
 def cli(*args, **kw):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "layer_rope.py"), *args], capture_output=True,
+    return subprocess.run([sys.executable, os.path.join(ROOT, "kv_retrieval.py"), *args], capture_output=True,
                           text=True, cwd=ROOT, **kw)
 
 
@@ -44,7 +45,7 @@ def test_killed_search_resumes_to_the_same_result(tmp_path, reference, sig):
     args = ["search", *SYN, "--out", str(out), "--eval-delay", "0.3", "--eval-log", str(log)]
     # Ctrl-C as a user at a terminal sends it: default SIGINT disposition in the child, even when this test
     # runs in a background job (shells start those with SIGINT ignored, and Python keeps it ignored).
-    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "layer_rope.py"), *args], cwd=ROOT,
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "kv_retrieval.py"), *args], cwd=ROOT,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
@@ -105,7 +106,7 @@ def test_quick_search_and_eval_end_to_end(tmp_path):
     assert (tmp_path / "quick.png").exists()
     assert list(doc["timings_s"]) == ["model load", "baseline (search set)", "sensitivity scan", "GA",
                                       "finalists re-scored", "uniform factors (search set)", "held-out evaluation"]
-    assert doc["dtype"] == lr.default_dtype("cpu") and doc["heldout"]["dtype"] == "float32"
+    assert doc["dtype"] == harness.default_dtype("cpu") and doc["heldout"]["dtype"] == "float32"
     fin = doc["finalists"]
     assert len(fin["float32"]) == len(fin["individuals"]) >= 1 and fin["chosen"] in fin["individuals"]
     assert factors == lr.individual_factors(fin["chosen"], lr.GAConfig(**doc["ga"]))
@@ -127,8 +128,8 @@ def test_quick_search_and_eval_end_to_end(tmp_path):
 
 FAULTS = """
 import resource, sys, torch
-import layer_rope as lr
-if sys.argv[1] == "kept" and not lr.keep_freed_memory():
+import harness
+if sys.argv[1] == "kept" and not harness.keep_freed_memory():
     raise SystemExit(3)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(20):  # a batch's activation buffer, freed and allocated again

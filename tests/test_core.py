@@ -7,6 +7,7 @@ import pytest
 import torch
 from scipy.interpolate import BPoly
 
+import harness
 import layer_rope as lr
 import reference_numpy as ref
 from conftest import tiny_llama
@@ -260,7 +261,7 @@ def test_unsupported_model_is_refused():
 def test_embedded_model_uniform_factor_equals_reloaded_linear(smollm2):
     model, tok = smollm2
     s = 2.0
-    pi, _ = lr.load_model(rope_parameters={"rope_type": "linear", "factor": s,
+    pi, _ = harness.load_model(rope_parameters={"rope_type": "linear", "factor": s,
                                            "rope_theta": model.config.rope_parameters["rope_theta"]})
     assert lr.num_layers(model) == 30
     ids = tok("Extract the value corresponding to the specified key. " * 8, return_tensors="pt").input_ids

@@ -4,83 +4,84 @@ import os
 
 import pytest
 
-import layer_rope as lr
+import harness
+import kv_retrieval as kv
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "kv-retrieval-75_keys.head3.jsonl.gz")
 
 
 def test_prompt_matches_the_original_template():
-    p = lr.kv_prompt([("a", "1"), ("b", "2"), ("c", "3")], "b")
+    p = kv.kv_prompt([("a", "1"), ("b", "2"), ("c", "3")], "b")
     assert p == ('Extract the value corresponding to the specified key in the JSON object below.\n\n'
                  'JSON data:\n{"a": "1",\n "b": "2",\n "c": "3"}\n\nKey: "b"\nCorresponding value:')
-    assert lr.kv_prompt([("a", "1")], "a").endswith('JSON data:\n{"a": "1"}\n\nKey: "a"\nCorresponding value:')
+    assert kv.kv_prompt([("a", "1")], "a").endswith('JSON data:\n{"a": "1"}\n\nKey: "a"\nCorresponding value:')
 
 
 def test_move_gold_pops_and_reinserts():
     recs = [("a", "1"), ("b", "2"), ("c", "3"), ("d", "4")]
-    assert lr.move_gold(recs, "c", "3", 0) == [("c", "3"), ("a", "1"), ("b", "2"), ("d", "4")]
-    assert lr.move_gold(recs, "a", "1", 3) == [("b", "2"), ("c", "3"), ("d", "4"), ("a", "1")]
-    assert lr.move_gold(recs, "a", "1", -1)[-1] == ("a", "1")
+    assert kv.move_gold(recs, "c", "3", 0) == [("c", "3"), ("a", "1"), ("b", "2"), ("d", "4")]
+    assert kv.move_gold(recs, "a", "1", 3) == [("b", "2"), ("c", "3"), ("d", "4"), ("a", "1")]
+    assert kv.move_gold(recs, "a", "1", -1)[-1] == ("a", "1")
     with pytest.raises(ValueError):
-        lr.move_gold(recs, "a", "1", 4)
+        kv.move_gold(recs, "a", "1", 4)
     with pytest.raises(ValueError):
-        lr.move_gold(recs, "zz", "1", 0)
+        kv.move_gold(recs, "zz", "1", 0)
 
 
 def test_load_original_rows():
-    rows = lr.load_kv_examples(DATA)
+    rows = kv.load_kv_examples(DATA)
     assert len(rows) == 3 and all(len(ex.records) == 75 for ex in rows)
-    moved = lr.load_kv_examples(DATA, gold_index=37, limit=2, offset=1)
+    moved = kv.load_kv_examples(DATA, gold_index=37, limit=2, offset=1)
     assert [ex.key for ex in moved] == [ex.key for ex in rows[1:3]]
     for ex, orig in zip(moved, rows[1:]):
         assert ex.gold_index == 37 and ex.records[37] == (ex.key, ex.value)
         assert sorted(ex.records) == sorted(orig.records)
-        assert f'Key: "{ex.key}"' in lr.kv_prompt(ex.records, ex.key)
+        assert f'Key: "{ex.key}"' in kv.kv_prompt(ex.records, ex.key)
 
 
 def test_generator_knobs_and_determinism():
-    a = lr.make_kv_examples(5, num_pairs=12, gold_index=7, seed=4)
-    assert a == lr.make_kv_examples(5, num_pairs=12, gold_index=7, seed=4)
-    assert a != lr.make_kv_examples(5, num_pairs=12, gold_index=7, seed=5)
-    b = lr.make_kv_examples(5, num_pairs=12, gold_index=0, seed=4)
+    a = kv.make_kv_examples(5, num_pairs=12, gold_index=7, seed=4)
+    assert a == kv.make_kv_examples(5, num_pairs=12, gold_index=7, seed=4)
+    assert a != kv.make_kv_examples(5, num_pairs=12, gold_index=7, seed=5)
+    b = kv.make_kv_examples(5, num_pairs=12, gold_index=0, seed=4)
     for x, y in zip(a, b):  # same prompts, gold pair moved
         assert x.gold_index == 7 and y.gold_index == 0 and sorted(x.records) == sorted(y.records)
         keys = [k for k, _ in x.records]
-        assert len(set(keys)) == 12 and all(k in lr.KV_WORDS for k in keys)
+        assert len(set(keys)) == 12 and all(k in kv.KV_WORDS for k in keys)
         assert all(len(v) == 4 and v.isdigit() for _, v in x.records)
-    u = lr.make_kv_examples(2, num_pairs=3, key_style="uuid", value_style="uuid", seed=0)
+    u = kv.make_kv_examples(2, num_pairs=3, key_style="uuid", value_style="uuid", seed=0)
     assert all(len(k) == 36 and k[14] == "4" for ex in u for k, _ in ex.records)
     with pytest.raises(ValueError):
-        lr.make_kv_examples(1, num_pairs=5, gold_index=5)
+        kv.make_kv_examples(1, num_pairs=5, gold_index=5)
     with pytest.raises(ValueError):
-        lr.make_kv_examples(1, key_style="emoji")
+        kv.make_kv_examples(1, key_style="emoji")
     with pytest.raises(TypeError):
-        lr.make_kv_examples(1.0)
+        kv.make_kv_examples(1.0)
 
 
 def test_metric():
-    assert lr.kv_correct(' 1234\n\nJSON', "1234") and lr.kv_correct("The value is ABC-d", "abc-D")
-    assert not lr.kv_correct(" 123", "1234")
-    assert lr.gold_positions(20, 5) == [0, 5, 10, 14, 19] and lr.gold_positions(10, 3) == [0, 4, 9]
+    assert kv.kv_correct(' 1234\n\nJSON', "1234") and kv.kv_correct("The value is ABC-d", "abc-D")
+    assert not kv.kv_correct(" 123", "1234")
+    assert kv.gold_positions(20, 5) == [0, 5, 10, 14, 19] and kv.gold_positions(10, 3) == [0, 4, 9]
 
 
 @pytest.fixture(scope="module")
 def model():
-    return lr.load_model()
+    return harness.load_model()
 
 
 @pytest.fixture(scope="module")
 def sample():
     # short prompts keep this cheap; gold at both ends and the middle gives right and wrong answers
-    return [ex for g in (0, 4, 9) for ex in lr.make_kv_examples(4, num_pairs=10, gold_index=g, seed=11)]
+    return [ex for g in (0, 4, 9) for ex in kv.make_kv_examples(4, num_pairs=10, gold_index=g, seed=11)]
 
 
 def test_teacher_forced_agrees_with_greedy_generate(model, sample):
     m, tok = model
-    scores = lr.score_kv(m, tok, sample, batch_size=6)
-    answers = lr.greedy_answers(m, tok, sample, max_new_tokens=6, batch_size=6)
+    scores = kv.score_kv(m, tok, sample, batch_size=6)
+    answers = kv.greedy_answers(m, tok, sample, max_new_tokens=6, batch_size=6)
     tf = [s.correct for s in scores]
-    greedy = [lr.kv_correct(a, ex.value) for a, ex in zip(answers, sample)]
+    greedy = [kv.kv_correct(a, ex.value) for a, ex in zip(answers, sample)]
     assert tf == greedy, list(zip(answers, [ex.value for ex in sample], tf))
     assert 0 < sum(tf) < len(tf)  # the sample has both outcomes, so agreement is not trivial
     assert all(s.logprob < 0 and s.n_tokens == len(tok(" " + ex.value, add_special_tokens=False)["input_ids"])
@@ -89,31 +90,31 @@ def test_teacher_forced_agrees_with_greedy_generate(model, sample):
 
 def test_batched_scores_equal_unbatched(model, sample):
     m, tok = model
-    one = lr.score_kv(m, tok, sample[:6], batch_size=1)
-    many = lr.score_kv(m, tok, sample[:6], batch_size=6)
+    one = kv.score_kv(m, tok, sample[:6], batch_size=1)
+    many = kv.score_kv(m, tok, sample[:6], batch_size=6)
     assert [s.correct for s in one] == [s.correct for s in many]
     assert [s.logprob for s in one] == pytest.approx([s.logprob for s in many], abs=1e-3)
 
 
 def test_fitness_is_lexicographic(model, sample):
     m, tok = model
-    f = lr.kv_fitness(m, tok, sample, batch_size=6)
+    f = kv.kv_fitness(m, tok, sample, batch_size=6)
     assert set(f.accuracy) == {0, 4, 9} and f.n == 12
     assert f.mean_accuracy < f.fitness < f.mean_accuracy + 1 / (f.n + 1)
-    w = lr.kv_fitness(m, tok, sample, weights={0: 0.0, 4: 1.0, 9: 0.0}, batch_size=6)
+    w = kv.kv_fitness(m, tok, sample, weights={0: 0.0, 4: 1.0, 9: 0.0}, batch_size=6)
     assert w.mean_accuracy == f.accuracy[4]
     with pytest.raises(ValueError):
-        lr.kv_fitness(m, tok, sample, weights={0: -1.0}, batch_size=6)
+        kv.kv_fitness(m, tok, sample, weights={0: -1.0}, batch_size=6)
 
 
 def test_sensitive_layers_use_accuracy_or_gold_probability():
     def fit(acc, p):
-        return lr.KVFitness(acc, acc, {0: acc}, {0: 0.0}, 10, p)
+        return kv.KVFitness(acc, acc, {0: acc}, {0: 0.0}, 10, p)
 
     # baseline gets nothing right (small scan): only the probability can flag a layer
-    s = lr.SensitivityScan(2.0, fit(0.0, 0.58), {0: fit(0.3, 0.6), 1: fit(0.0, 0.5), 16: fit(0.0, 0.16)})
+    s = kv.SensitivityScan(2.0, fit(0.0, 0.58), {0: fit(0.3, 0.6), 1: fit(0.0, 0.5), 16: fit(0.0, 0.16)})
     assert s.sensitive(0.5) == [16]
-    s = lr.SensitivityScan(2.0, fit(1.0, 0.58), {0: fit(0.3, 0.6), 16: fit(1.0, 0.5)})
+    s = kv.SensitivityScan(2.0, fit(1.0, 0.58), {0: fit(0.3, 0.6), 16: fit(1.0, 0.5)})
     assert s.sensitive(0.5) == [0]
     with pytest.raises(ValueError):
         s.sensitive(0.0)

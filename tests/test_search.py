@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+import harness
+import kv_retrieval as kv
 import layer_rope as lr
 from tiny_models import single_thread, tiny  # noqa: F401
 
@@ -21,12 +23,12 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 @pytest.fixture(scope="module")
 def tok():
-    return lr.load_model()[1]  # the embedded model's tokenizer: tiny models below take its vocabulary
+    return harness.load_model()[1]  # the embedded model's tokenizer: tiny models below take its vocabulary
 
 
 @pytest.fixture(scope="module")
 def prompts():
-    return [ex for g in (0, 2, 4) for ex in lr.make_kv_examples(3, num_pairs=5, gold_index=g, seed=5)]
+    return [ex for g in (0, 2, 4) for ex in kv.make_kv_examples(3, num_pairs=5, gold_index=g, seed=5)]
 
 
 def tiny_lm(family, tok, dtype=torch.float32):
@@ -40,18 +42,18 @@ def tiny_lm(family, tok, dtype=torch.float32):
 def test_kv_fitness_on_families(family, dtype, tok, prompts):
     model = tiny_lm(family, tok, dtype)
     layers = lr.num_layers(model)
-    plain = lr.kv_fitness(model, tok, prompts, batch_size=4)
-    ones = lr.kv_fitness(model, tok, prompts, [1.0] * layers, batch_size=4)
+    plain = kv.kv_fitness(model, tok, prompts, batch_size=4)
+    ones = kv.kv_fitness(model, tok, prompts, [1.0] * layers, batch_size=4)
     assert ones == plain  # all-ones factors = no patch, every prompt's result identical
     assert plain.n == len(prompts) and all(lp < 0 for lp in plain.logprobs)
-    scaled = lr.kv_fitness(model, tok, prompts, [4.0] * layers, batch_size=4)
+    scaled = kv.kv_fitness(model, tok, prompts, [4.0] * layers, batch_size=4)
     assert scaled.logprobs != plain.logprobs  # the patch reaches this family's scorer
     # the scorer's gold log-probs are the model's own (soft-capping included), one prompt at a time
     ex = prompts[0]
-    ids = lr.encode(tok, lr.prompt_text(tok, ex)) + lr.encode(tok, " " + ex.value)
+    ids = kv.encode(tok, kv.prompt_text(tok, ex)) + kv.encode(tok, " " + ex.value)
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([ids[:-1]])).logits[0].float(), -1)
-    gold = len(lr.encode(tok, " " + ex.value))
+    gold = len(kv.encode(tok, " " + ex.value))
     want = sum(logp[len(ids) - 1 - gold + t, ids[len(ids) - gold + t]].item() for t in range(gold))
     assert plain.logprobs[0] == pytest.approx(want, abs=1e-3 if dtype == torch.float32 else 0.1)
 
@@ -61,7 +63,7 @@ def test_kv_fitness_on_families(family, dtype, tok, prompts):
 def test_kv_fitness_on_cuda_matches_cpu(dtype, tok, prompts):
     cpu = tiny_lm("llama", tok, dtype)
     gpu = tiny_lm("llama", tok, dtype).to("cuda")
-    a, b = lr.kv_fitness(cpu, tok, prompts, [1.5] * 3), lr.kv_fitness(gpu, tok, prompts, [1.5] * 3)
+    a, b = kv.kv_fitness(cpu, tok, prompts, [1.5] * 3), kv.kv_fitness(gpu, tok, prompts, [1.5] * 3)
     assert a.correct == b.correct or dtype == torch.bfloat16
     np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-3 if dtype == torch.float32 else 0.2)
 
@@ -70,32 +72,32 @@ def test_kv_fitness_on_cuda_matches_cpu(dtype, tok, prompts):
 
 def test_racing_stops_early_and_bounds_the_full_fitness(tok, prompts):
     model = tiny_lm("llama", tok)
-    for objective in lr.OBJECTIVES:
-        full = lr.kv_fitness(model, tok, prompts, objective=objective, batch_size=3)
-        assert lr.kv_fitness(model, tok, prompts, objective=objective, batch_size=3, bar=-math.inf) == full
+    for objective in kv.OBJECTIVES:
+        full = kv.kv_fitness(model, tok, prompts, objective=objective, batch_size=3)
+        assert kv.kv_fitness(model, tok, prompts, objective=objective, batch_size=3, bar=-math.inf) == full
         # unscored prompts count as right (accuracy) or as log-prob 0 (logprob) in the bound
         bar = full.fitness + 0.5 if objective == "accuracy" else full.fitness / 2
-        raced = lr.kv_fitness(model, tok, prompts, objective=objective, batch_size=3, bar=bar)
+        raced = kv.kv_fitness(model, tok, prompts, objective=objective, batch_size=3, bar=bar)
         assert not raced.complete and raced.n < full.n
         assert full.fitness <= raced.fitness < bar  # an upper bound of the full fitness, below the bar
         assert sorted(set(raced.gold_index)) == [0, 2, 4]  # the first batch already covers every position
         for fit in (full, raced):  # a row written to JSON reads back as the same score (the experiment's rows)
-            assert lr.KVFitness.from_json(json.loads(json.dumps(fit.to_json()))) == fit
+            assert kv.KVFitness.from_json(json.loads(json.dumps(fit.to_json()))) == fit
 
 
 def test_weights_and_objectives(tok, prompts):
     model = tiny_lm("llama", tok)
-    f = lr.kv_fitness(model, tok, prompts, weights="middle")
+    f = kv.kv_fitness(model, tok, prompts, weights="middle")
     assert f.mean_accuracy == pytest.approx(0.25 * f.accuracy[0] + 0.5 * f.accuracy[2] + 0.25 * f.accuracy[4])
-    assert lr.position_weights([0, 2, 4], "middle") == {0: 0.25, 2: 0.5, 4: 0.25}
-    assert lr.position_weights([0, 9], [1, 3]) == {0: 0.25, 9: 0.75}
+    assert kv.position_weights([0, 2, 4], "middle") == {0: 0.25, 2: 0.5, 4: 0.25}
+    assert kv.position_weights([0, 9], [1, 3]) == {0: 0.25, 9: 0.75}
     with pytest.raises(ValueError, match="weights"):
-        lr.position_weights([0, 9], [1, 2, 3])
-    smooth = lr.kv_fitness(model, tok, prompts, objective="logprob")
-    per_token = [lp / len(lr.encode(tok, " " + ex.value)) for lp, ex in zip(smooth.logprobs, prompts)]
+        kv.position_weights([0, 9], [1, 2, 3])
+    smooth = kv.kv_fitness(model, tok, prompts, objective="logprob")
+    per_token = [lp / len(kv.encode(tok, " " + ex.value)) for lp, ex in zip(smooth.logprobs, prompts)]
     assert smooth.fitness == pytest.approx(np.mean(per_token))  # equal positions: the plain mean
     with pytest.raises(ValueError, match="objective"):
-        lr.kv_fitness(model, tok, prompts, objective="f1")
+        kv.kv_fitness(model, tok, prompts, objective="f1")
 
 
 class RacingFitness:
@@ -122,24 +124,24 @@ def test_ga_racing_passes_the_weakest_elite_as_bar():
 # -- statistics -------------------------------------------------------------------------------------
 
 def test_wilson_interval_and_paired_comparison():
-    lo, hi = lr.wilson_interval(8, 10)
+    lo, hi = kv.wilson_interval(8, 10)
     assert lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)  # textbook values
-    assert lr.wilson_interval(0, 10)[0] == 0.0 and lr.wilson_interval(0, 0) == (0.0, 1.0)
+    assert kv.wilson_interval(0, 10)[0] == 0.0 and kv.wilson_interval(0, 0) == (0.0, 1.0)
 
     def fit(correct, logprobs=None):
-        return lr.KVFitness(0.0, 0.0, {0: 0.0}, {0: 0.0}, len(correct), 1.0, [0] * len(correct), correct,
+        return kv.KVFitness(0.0, 0.0, {0: 0.0}, {0: 0.0}, len(correct), 1.0, [0] * len(correct), correct,
                             [0.0] * len(correct) if logprobs is None else logprobs)
 
     a, b = fit([True] * 9 + [False] * 11, [-1.0] * 10 + [-3.0] * 10), fit([False] * 20)
-    cmp = lr.paired_comparison(a, b)
+    cmp = kv.paired_comparison(a, b)
     assert cmp["difference"] == pytest.approx(0.45) and cmp["only_a_right"] == 9 and cmp["only_b_right"] == 0
     assert cmp["mcnemar_p"] == pytest.approx(2 * 0.5 ** 9)  # exact two-sided binomial on 9 discordant pairs
     assert cmp["ci95"][0] > 0 and cmp["ci95"][1] <= 1
     assert cmp["logprob_difference"] == pytest.approx(-2.0) and (cmp["logprob_higher"], cmp["logprob_lower"]) == (0, 20)
     assert -3.0 <= cmp["logprob_ci95"][0] < -2.0 < cmp["logprob_ci95"][1] <= -1.0  # halves at -1 and -3
-    assert lr.paired_comparison(a, a)["mcnemar_p"] == 1.0
+    assert kv.paired_comparison(a, a)["mcnemar_p"] == 1.0
     with pytest.raises(ValueError, match="same prompts"):
-        lr.paired_comparison(a, fit([True] * 3))
+        kv.paired_comparison(a, fit([True] * 3))
 
 
 # -- workers ----------------------------------------------------------------------------------------
@@ -173,12 +175,12 @@ def test_a_dying_worker_loses_no_finished_evaluation(tmp_path):
 
 
 def test_worker_pool_gives_each_worker_a_device():
-    with lr.worker_pool(2, "cpu") as pool:
+    with harness.worker_pool(2, "cpu") as pool:
         assert sorted(pool.map(_worker_device, range(4))) == ["cpu"] * 4
 
 
 def _worker_device(_):
-    return lr.worker_device(default="not in a pool")
+    return harness.worker_device(default="not in a pool")
 
 
 def test_ray_pool_gives_the_same_result():
