@@ -73,13 +73,15 @@ VALUE_STYLES = ("uuid", "digits", "word")
 @dataclasses.dataclass(frozen=True)
 class KVExample:
     """One KV-retrieval prompt: `records` in prompt order, the gold pair (key, value) at `gold_index`;
-    filler = 0 is the original JSON prompt, filler = k the long-range one (k filler paragraphs per pair)."""
+    filler = 0 is the original JSON prompt, filler = k the long-range one (k filler paragraphs per pair);
+    query_aware: the key is asked before the data as well (see kv_prompt)."""
 
     records: tuple  # ((key, value), ...)
     key: str
     value: str
     gold_index: int
     filler: int = 0
+    query_aware: bool = False
 
     def __post_init__(self):
         in_range = 0 <= self.gold_index < len(self.records)
@@ -88,17 +90,28 @@ class KVExample:
 
     @property
     def prompt(self) -> str:
-        return kv_prompt(self.records, self.key, self.filler)
+        return kv_prompt(self.records, self.key, self.filler, self.query_aware)
 
 
-def kv_prompt(records, key: str, filler: int = 0) -> str:
+def kv_prompt(records, key: str, filler: int = 0, query_aware: bool = False) -> str:
     """The original Lost-in-the-Middle KV prompt (filler = 0), ending in 'Corresponding value:'; or the
-    long-range prompt: "The number for {k} is {v}." after `filler` filler paragraphs each, then the question."""
+    long-range prompt: "The number for {k} is {v}." after `filler` filler paragraphs each, then the question.
+
+    query_aware: Liu et al.'s query-aware contextualization (section 4.2), the question before the data as
+    well as after it. JSON prompt: their kv_retrieval_with_query_aware_contextualization.prompt, i.e. the
+    line 'Key: "{key}"' and a blank line between the instruction and 'JSON data:'. Long-range prompt:
+    'What is the number for {key}?' on its own line between the instruction and the text; the ending is
+    unchanged. query_aware=False gives the plain prompts byte for byte (recorded results depend on them).
+    """
     if filler:
+        ask = f"What is the number for {key}?"
         body = " ".join(f"{' '.join([FILLER] * filler)} The number for {k} is {v}." for k, v in records)
-        return f"{LONG_KV_INSTRUCTION}\n{body} {FILLER}\nWhat is the number for {key}? The number for {key} is"
+        before = f"{ask}\n" if query_aware else ""
+        return f"{LONG_KV_INSTRUCTION}\n{before}{body} {FILLER}\n{ask} The number for {key} is"
+    ask = f'Key: "{key}"'
     pairs = ",\n ".join(f'"{k}": "{v}"' for k, v in records)
-    return f'{KV_INSTRUCTION}\n\nJSON data:\n{{{pairs}}}\n\nKey: "{key}"\nCorresponding value:'
+    before = f"{ask}\n\n" if query_aware else ""
+    return f'{KV_INSTRUCTION}\n\n{before}JSON data:\n{{{pairs}}}\n\n{ask}\nCorresponding value:'
 
 
 def move_gold(records, key: str, value: str, gold_index: int) -> list:
@@ -117,9 +130,9 @@ def _with_gold_at(ex: KVExample, gold_index: int) -> KVExample:
 
 
 def load_kv_examples(path: str, gold_index: int | None = None, limit: int | None = None,
-                     offset: int = 0) -> list[KVExample]:
+                     offset: int = 0, query_aware: bool = False) -> list[KVExample]:
     """Rows offset .. offset+limit-1 of an original `kv-retrieval-*_keys.jsonl(.gz)` file; gold_index=None
-    keeps the records' original order."""
+    keeps the records' original order; query_aware: see kv_prompt."""
     import gzip
     import itertools
 
@@ -128,7 +141,8 @@ def load_kv_examples(path: str, gold_index: int | None = None, limit: int | None
     out = []
     for row in rows:
         records = tuple(tuple(r) for r in row["ordered_kv_records"])
-        ex = KVExample(records, row["key"], row["value"], records.index((row["key"], row["value"])))
+        ex = KVExample(records, row["key"], row["value"], records.index((row["key"], row["value"])),
+                       query_aware=bool(query_aware))
         out.append(ex if gold_index is None else _with_gold_at(ex, gold_index))
     return out
 
@@ -146,8 +160,10 @@ def _kv_tokens(rng: np.random.Generator, style: str, n: int, digits: int) -> lis
 
 
 def make_kv_examples(n: int, num_pairs: int = 20, gold_index: int = 0, key_style: str = "word",
-                     value_style: str = "digits", digits: int = 4, seed: int = 0, filler: int = 0) -> list[KVExample]:
-    """n new KV examples; keys (and values) within an example are distinct. filler > 0: long-range prompts.
+                     value_style: str = "digits", digits: int = 4, seed: int = 0, filler: int = 0,
+                     query_aware: bool = False) -> list[KVExample]:
+    """n new KV examples; keys (and values) within an example are distinct. filler > 0: long-range prompts;
+    query_aware: the question before the data as well (kv_prompt).
 
     Example i depends only on (seed, i, num_pairs, styles), not on gold_index: the same records with the
     gold pair moved, so accuracy differences across gold positions are not sampling noise between sets.
@@ -168,8 +184,8 @@ def make_kv_examples(n: int, num_pairs: int = 20, gold_index: int = 0, key_style
         rng = np.random.default_rng([seed, i])
         keys, values = _kv_tokens(rng, key_style, num_pairs, digits), _kv_tokens(rng, value_style, num_pairs, digits)
         asked = int(rng.integers(num_pairs))  # which pair is asked for; then moved to gold_index
-        out.append(_with_gold_at(KVExample(tuple(zip(keys, values)), keys[asked], values[asked], asked, filler),
-                                 gold_index))
+        ex = KVExample(tuple(zip(keys, values)), keys[asked], values[asked], asked, filler, bool(query_aware))
+        out.append(_with_gold_at(ex, gold_index))
     return out
 
 
@@ -186,17 +202,17 @@ def gold_positions(num_pairs: int, k: int) -> list[int]:
 
 
 def kv_sets(pairs: int, positions: int, samples: int, seed: int, data: str | None = None, offset: int = 0,
-            filler: int = 0) -> list[KVExample]:
+            filler: int = 0, query_aware: bool = False) -> list[KVExample]:
     """`samples` examples with the gold pair at each of `positions` spread indices: generated word keys
     with 4-digit values (data=None), or rows offset.. of an original jsonl(.gz) file (its own pair count)."""
     if data is None:
         return [ex for p in gold_positions(pairs, positions)
-                for ex in make_kv_examples(samples, pairs, p, seed=seed, filler=filler)]
+                for ex in make_kv_examples(samples, pairs, p, seed=seed, filler=filler, query_aware=query_aware)]
     first = load_kv_examples(data, None, 1, offset)
     if not first:
         raise ValueError(f"{data}: no row {offset}")
     return [ex for p in gold_positions(len(first[0].records), positions)
-            for ex in load_kv_examples(data, p, samples, offset)]
+            for ex in load_kv_examples(data, p, samples, offset, query_aware)]
 
 
 def check_disjoint(search: Sequence[KVExample], heldout: Sequence[KVExample]) -> None:
@@ -401,12 +417,7 @@ def kv_fitness(model, tok, examples: Sequence[KVExample], factors=None, weights=
     if factors is not None:
         with scaled(model, factors):
             return kv_fitness(model, tok, examples, None, weights, chat, batch_size, objective, bar)
-    if not examples:
-        raise ValueError("no examples to score")
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    n_at = {p: sum(ex.gold_index == p for ex in examples) for p in sorted({ex.gold_index for ex in examples})}
-    w = position_weights(list(n_at), weights)
+    n_at, w = _gold_counts(examples, weights, objective)
     if bar is None:
         order, chunks = list(range(len(examples))), [len(examples)]
     else:  # interleave the gold indices: the k-th prompt of every gold index, then the (k+1)-th, ...
@@ -426,7 +437,31 @@ def kv_fitness(model, tok, examples: Sequence[KVExample], factors=None, weights=
             if bound < bar:
                 break
     done, scores = zip(*sorted(zip(done, scores), key=lambda pair: pair[0]))  # back to input order
-    golds = [examples[i].gold_index for i in done]
+    return _fitness([examples[i].gold_index for i in done], list(scores), n_at, w, objective)
+
+
+def fitness_of(examples: Sequence[KVExample], scores: Sequence[KVScore], weights=None,
+               objective: str = "accuracy") -> KVFitness:
+    """The KVFitness of complete scores, one per example in order, exactly as kv_fitness computes it: for
+    prompts scored in parts (a held-out row checkpointed every few prompts)."""
+    if len(scores) != len(examples):
+        raise ValueError(f"{len(scores)} scores for {len(examples)} examples")
+    n_at, w = _gold_counts(examples, weights, objective)
+    return _fitness([ex.gold_index for ex in examples], list(scores), n_at, w, objective)
+
+
+def _gold_counts(examples, weights, objective) -> tuple[dict, dict]:
+    """({gold index: prompts there}, {gold index: weight}), or an error for no examples or an unknown objective."""
+    if not examples:
+        raise ValueError("no examples to score")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    n_at = {p: sum(ex.gold_index == p for ex in examples) for p in sorted({ex.gold_index for ex in examples})}
+    return n_at, position_weights(list(n_at), weights)
+
+
+def _fitness(golds: list, scores: list, n_at: dict, w: dict, objective: str) -> KVFitness:
+    """The KVFitness of the scored prompts (golds[i] the gold index of scores[i], in input order)."""
     value, bound, complete = _summarise(golds, scores, n_at, w, objective)
     by = {p: [s for g, s in zip(golds, scores) if g == p] for p in n_at}
     accuracy = {p: float(np.mean([s.correct for s in by[p]])) if by[p] else 0.0 for p in n_at}
@@ -589,7 +624,15 @@ def checkpoint_path(out: str) -> str:
 
 
 def _examples(args, samples: int, seed: int, offset: int = 0) -> list[KVExample]:
-    return kv_sets(args.pairs, args.positions, samples, seed, args.data, offset, args.filler)
+    return kv_sets(args.pairs, args.positions, samples, seed, args.data, offset, args.filler, args.query_aware)
+
+
+def search_tag(args) -> dict:
+    """What the search's fitness depends on, stored in its checkpoint and checked on resume. query_aware
+    is added only when set, so checkpoints written before the option existed keep their tag and resume."""
+    tag = {k: getattr(args, k) for k in ("model", "data", "pairs", "positions", "filler", "search_samples",
+                                          "search_seed", "chat", "dtype", "weights", "objective")}
+    return {**tag, "query_aware": True} if args.query_aware else tag
 
 
 def _fitness_kw(args) -> dict:
@@ -713,8 +756,7 @@ def cmd_search(args) -> dict:
         freeze = _scan_for_frozen_layers(args, model, tok, search, record)
         step("sensitivity scan")
     freeze = [] if freeze == "none" else freeze
-    tag = {k: getattr(args, k) for k in ("model", "data", "pairs", "positions", "filler", "search_samples",
-                                          "search_seed", "chat", "dtype", "weights", "objective")}
+    tag = search_tag(args)
     objective = KVObjective(search, args.model, args.device, args.dtype, args.weights, args.objective, args.chat,
                             args.batch_size)
     res = _run_ga(args, objective, layers, freeze, tag)
@@ -809,6 +851,8 @@ def _common_args(c):
     c.add_argument("--filler", type=int, default=0, help="long-range prompts: filler paragraphs per pair")
     c.add_argument("--batch-size", type=int, default=16, help="prompts per forward")
     c.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
+    c.add_argument("--query-aware", action="store_true",
+                   help="ask the key before the data as well (Liu et al.'s query-aware contextualization)")
     c.add_argument("--weights", type=_weights_arg, default="uniform",
                    help="gold position weights: uniform, middle, or one number per position")
     c.add_argument("--objective", choices=OBJECTIVES, default="accuracy",

@@ -17,6 +17,70 @@ def test_prompt_matches_the_original_template():
     assert kv.kv_prompt([("a", "1")], "a").endswith('JSON data:\n{"a": "1"}\n\nKey: "a"\nCorresponding value:')
 
 
+# Liu et al.'s own test of the query-aware template (nelson-liu/lost-in-the-middle, tests/test_prompting.py,
+# test_get_kv_retrieval_prompt_with_query_aware_contextualization): the rendering of
+# prompts/kv_retrieval_with_query_aware_contextualization.prompt, copied line for line.
+QUERY_AWARE_GOLD = "\n".join([
+    "Extract the value corresponding to the specified key in the JSON object below.",
+    "",
+    'Key: "test key2"',
+    "",
+    "JSON data:",
+    '{"test key1": "test value1",',
+    ' "test key2": "test value2",',
+    ' "test key3": "test value3"}',
+    "",
+    'Key: "test key2"',
+    "Corresponding value:",
+])
+# sha256 of default prompts (generated, long-range, original data) rendered before query_aware existed
+PLAIN_PROMPTS_SHA256 = "2e9529b6bb56e95cfd622746976b473768916cfdbd1c93f2b9205d46e6605090"
+
+
+def test_query_aware_prompt_matches_the_original_template():
+    data = [("test key1", "test value1"), ("test key2", "test value2"), ("test key3", "test value3")]
+    assert kv.kv_prompt(data, "test key2", query_aware=True) == QUERY_AWARE_GOLD
+    for ex in kv.load_kv_examples(DATA, gold_index=10, query_aware=True):  # the original rows: one line more
+        plain = kv.kv_prompt(ex.records, ex.key)
+        head = kv.KV_INSTRUCTION + "\n\n"
+        assert ex.query_aware and ex.prompt == plain.replace(head, f'{head}Key: "{ex.key}"\n\n', 1)
+
+
+def test_long_range_query_aware_asks_twice():
+    recs = [("bird", "1234"), ("moon", "5678")]
+    plain, aware = (kv.kv_prompt(recs, "moon", filler=1, query_aware=q) for q in (False, True))
+    ask = "What is the number for moon?"
+    assert plain.count(ask) == 1 and aware.count(ask) == 2
+    assert aware == plain.replace(kv.LONG_KV_INSTRUCTION + "\n", f"{kv.LONG_KV_INSTRUCTION}\n{ask}\n", 1)
+    assert aware.endswith(f"{ask} The number for moon is")
+
+
+def test_query_aware_is_carried_and_default_prompts_are_unchanged():
+    import hashlib
+
+    plain = kv.kv_sets(20, 3, 2, 1) + kv.kv_sets(6, 2, 1, 5, filler=2) + kv.kv_sets(0, 2, 1, 0, data=DATA)
+    digest = hashlib.sha256("\x00".join(ex.prompt for ex in plain).encode()).hexdigest()
+    assert digest == PLAIN_PROMPTS_SHA256 and not any(ex.query_aware for ex in plain)
+    aware = kv.kv_sets(20, 3, 2, 1, query_aware=True) + kv.kv_sets(0, 2, 1, 0, data=DATA, query_aware=True)
+    assert all(ex.query_aware and ex.prompt.count(f'Key: "{ex.key}"') == 2 for ex in aware)
+    assert [ex.records for ex in aware] == [ex.records for ex in plain[:6] + plain[-2:]]  # same examples
+
+
+def test_cli_query_aware_reaches_the_examples_and_the_tag_only_when_set():
+    ap, _ = kv._parser()
+    default = ap.parse_args(["search", "--pairs", "6", "--positions", "2"])
+    aware = ap.parse_args(["search", "--pairs", "6", "--positions", "2", "--query-aware"])
+    # the tag of a run without the option is the one existing checkpoints carry
+    assert kv.search_tag(default) == {"model": None, "data": None, "pairs": 6, "positions": 2, "filler": 0,
+                                      "search_samples": 4, "search_seed": 1, "chat": False, "dtype": None,
+                                      "weights": "uniform", "objective": "accuracy"}
+    assert kv.search_tag(aware) == {**kv.search_tag(default), "query_aware": True}
+    assert not any(ex.query_aware for ex in kv._examples(default, 1, 0))
+    assert all(ex.query_aware for ex in kv._examples(aware, 1, 0))
+    for cmd in ("eval", "sensitivity"):
+        assert ap.parse_args([cmd, "--query-aware"]).query_aware
+
+
 def test_move_gold_pops_and_reinserts():
     recs = [("a", "1"), ("b", "2"), ("c", "3"), ("d", "4")]
     assert kv.move_gold(recs, "c", "3", 0) == [("c", "3"), ("a", "1"), ("b", "2"), ("d", "4")]
@@ -86,6 +150,18 @@ def test_teacher_forced_agrees_with_greedy_generate(model, sample):
     assert 0 < sum(tf) < len(tf)  # the sample has both outcomes, so agreement is not trivial
     assert all(s.logprob < 0 and s.n_tokens == len(tok(" " + ex.value, add_special_tokens=False)["input_ids"])
                for s, ex in zip(scores, sample))
+
+
+def test_teacher_forced_agrees_with_greedy_generate_query_aware(model):
+    m, tok = model
+    sample = [ex for g in (0, 5, 9) for ex in kv.make_kv_examples(2, num_pairs=10, gold_index=g, seed=12,
+                                                                   query_aware=True)]
+    sample += kv.make_kv_examples(2, num_pairs=4, gold_index=1, seed=13, filler=1, query_aware=True)
+    scores = kv.score_kv(m, tok, sample, batch_size=4)
+    answers = kv.greedy_answers(m, tok, sample, max_new_tokens=6, batch_size=4)
+    tf = [s.correct for s in scores]
+    assert tf == [kv.kv_correct(a, ex.value) for a, ex in zip(answers, sample)], list(zip(answers, tf))
+    assert 0 < sum(tf) < len(tf)  # both outcomes: agreement is not trivial
 
 
 def test_batched_scores_equal_unbatched(model, sample):
