@@ -3,13 +3,17 @@ The paper's lost-in-the-middle experiment at the paper's scale on one model, aga
 
     python experiments/lost_in_the_middle.py short              # run, or resume, the short task
     python experiments/lost_in_the_middle.py long               # the long-range task (--filler 1)
+    python experiments/lost_in_the_middle.py edge               # near the trained length (~7k tokens)
+    python experiments/lost_in_the_middle.py edge --searches-only --runs ga-middle-seed0
     python experiments/lost_in_the_middle.py short --report-only
 
-Every step is skipped when its output exists, and each GA search resumes from its checkpoint, so the
-same command continues a killed run. Under OUT (results/lim-<task>/ by default):
-  1. search-<run>.json   one GA search each (`python layer_rope.py search ... --heldout-samples 0`:
-                         --search-dtype, bfloat16 by default; finalists re-scored in float32)
-  2. uniform.json        the best uniform factor on the search set
+Every step is skipped when its output exists, each GA search resumes from its checkpoint, and a task with
+`chunk` scores its held-out rows `chunk` prompts at a time into rows/<row>.partial.json, so the same
+command continues a killed run. Under OUT (results/lim-<task>/ by default):
+  1. search-<run>.json   one GA search each (`python kv_retrieval.py search ... --heldout-samples 0`:
+                         the task's search dtype, bfloat16 unless it says otherwise; finalists re-scored in
+                         float32)
+  2. uniform.json        the best uniform factor on the search set (of the task's `uniform` candidates)
   3. rows/<row>.json     each row scored on the one held-out set in float32, paired against no scaling
   4. table.md, summary.json, accuracy.png
 Search and held-out prompts come from different seeds (checked disjoint); every row of a task is scored
@@ -17,6 +21,8 @@ on the same held-out prompts.
 """
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -57,9 +63,25 @@ TASKS = {  # search/held-out prompts per gold position, GA population x generati
     "long": dict(filler=1, search=10, heldout=50, population=12, generations=10,  # seed 0 ran with racing
                  runs={"ga-middle-seed0": ["--weights", "middle", "--seed", "0", "--race"],
                        "ga-middle-seed1": ["--weights", "middle", "--seed", "1"]}),
+    # issue 25: the paper's regime, near the trained 8,192 tokens: filler 14 -> 6,993 tokens scored per
+    # prompt (prompt + answer, every prompt alike). A forward costs ~100x the short task's, so: racing on,
+    # layer 16 given (both scans above flagged it; a scan here costs 30 layers x prompts), float32 pinned
+    # for search and rows (exact; the finalists need no re-scoring; bfloat16 is 5x slower than float32 on
+    # CPUs without native bf16), rows scored and checkpointed 10 prompts at a time, batch 5 (racing checks
+    # after every batch, one prompt per gold position).
+    "edge": dict(filler=14, search=5, heldout=20, population=12, generations=6, search_dtype="float32",
+                 batch_size=5, chunk=10, uniform=[1.02, 1.05, 1.1, 1.2],
+                 baselines=("uniform", "Ms-PoE (score order)"),
+                 runs={"ga-middle-seed0": ["--weights", "middle", "--seed", "0", "--race", "--freeze", "16"],
+                       "ga-narrow-seed0": ["--weights", "middle", "--seed", "0", "--race", "--freeze", "16",
+                                           "--factor-max", "1.2", "--factor-step", "0.01"],
+                       "ga-logprob-seed0": ["--weights", "middle", "--seed", "0", "--race", "--freeze", "16",
+                                            "--objective", "logprob"]}),
 }
-UNIFORM = [1.05, 1.1, 1.25, 1.5, 2.0]
-BEST = {"short": "smollm2-135m-kv.json", "long": "smollm2-135m-longkv.json"}  # under results/: a task's factors
+UNIFORM = [1.05, 1.1, 1.25, 1.5, 2.0]  # a task's default `uniform` candidates
+BASELINES = ("uniform", "linear ramp 1..2", "Ms-PoE (score order)", "Ms-PoE (fixed order)")  # default rows
+BEST = {"short": "smollm2-135m-kv.json", "long": "smollm2-135m-longkv.json",  # under results/: a task's factors
+        "edge": "smollm2-135m-edgekv.json"}
 
 
 def row_path(out, name):
@@ -80,6 +102,7 @@ def load_rows(out) -> dict:
 
 
 def search(name, flags, task, args):
+    """Run, or resume, the GA search `name`; returns (factors, record)."""
     out = os.path.join(args.out, f"search-{name}.json")
     if not os.path.exists(out):
         cmd = [sys.executable, os.path.join(ROOT, "kv_retrieval.py"), "search", "--out", out, "--no-progress",
@@ -92,22 +115,71 @@ def search(name, flags, task, args):
     return lr.load_factors(out, with_metadata=True)
 
 
-def score(path, model, tok, held, factors=None, mspoe=None, baseline=None, batch_size=8):
-    """One held-out row, cached in `path`: kv_fitness JSON plus the paired comparison to `baseline`."""
+def _patched(model, how):
+    """The context in which a row is scored: factors, Ms-PoE, or the model as it is."""
+    if how.get("mspoe"):
+        return baselines.mspoe(model, order=how["mspoe"])
+    return lr.scaled(model, how["factors"]) if how.get("factors") is not None else contextlib.nullcontext()
+
+
+def score(path, model, tok, held, how, baseline=None, batch_size=8, chunk=None):
+    """One held-out row, cached in `path`: kv_fitness JSON, its wall seconds and the paired comparison to
+    `baseline`. With `chunk`, prompts are scored `chunk` at a time and each chunk's scores are kept in
+    PATH.partial.json, so a killed row resumes where it stopped."""
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
-    started = time.time()
-    if mspoe is None:
-        fit = kv.kv_fitness(model, tok, held, factors, batch_size=batch_size)
-    else:
-        with baselines.mspoe(model, order=mspoe):
-            fit = kv.kv_fitness(model, tok, held, None, batch_size=batch_size)
-    row = dict(fit.to_json(), seconds=round(time.time() - started, 1))
+    partial = path.replace(".json", ".partial.json")
+    done = json.load(open(partial)) if chunk and os.path.exists(partial) else {"scores": [], "seconds": 0.0}
+    step = chunk or len(held)
+    with _patched(model, how):
+        while len(done["scores"]) < len(held):
+            started, part = time.time(), held[len(done["scores"]):len(done["scores"]) + step]
+            done["scores"] += [dataclasses.astuple(s) for s in kv.score_kv(model, tok, part, batch_size=batch_size)]
+            done["seconds"] += time.time() - started
+            if chunk:
+                lr.write_json(partial, done)
+    fit = kv.fitness_of(held, [kv.KVScore(*s) for s in done["scores"]])
+    row = dict(fit.to_json(), seconds=round(done["seconds"], 1))
     if baseline is not None:
         row["vs_baseline"] = kv.paired_comparison(fit, kv.KVFitness.from_json(baseline))
     lr.write_json(path, row)
+    if chunk and os.path.exists(partial):
+        os.remove(partial)
     return row
+
+
+def best_uniform(args, task, model, tok, search_set, layers):
+    """The best of the task's uniform factors on the search set (ties: the smaller), each factor's fitness
+    written to uniform.json as soon as it is measured."""
+    path, candidates = os.path.join(args.out, "uniform.json"), task.get("uniform", UNIFORM)
+    doc = json.load(open(path)) if os.path.exists(path) else {"search_set_fitness": {}}
+    if "best" not in doc:
+        for u in candidates:
+            if str(u) not in doc["search_set_fitness"] and not args.report_only:
+                fit = kv.kv_fitness(model, tok, search_set, [u] * layers, batch_size=args.batch_size)
+                doc["search_set_fitness"][str(u)] = fit.fitness
+                lr.write_json(path, doc)
+        if len(doc["search_set_fitness"]) < len(candidates):
+            return None
+        fit = {u: doc["search_set_fitness"][str(u)] for u in candidates}
+        doc["best"] = max(candidates, key=lambda u: (fit[u], -u))
+        lr.write_json(path, doc)
+    return doc["best"]
+
+
+def baseline_rows(task, best_u, layers) -> dict:
+    """{row name: how to score it} of the task's comparison rows."""
+    plan = {}
+    for name in task.get("baselines", BASELINES):
+        if name == "uniform":
+            if best_u is not None:
+                plan[f"uniform x{best_u:g}"] = dict(factors=[best_u] * layers)
+        elif name == "linear ramp 1..2":
+            plan[name] = dict(factors=lr.linear_factors([1.0, 2.0], layers))
+        else:  # "Ms-PoE (score order)", "Ms-PoE (fixed order)"
+            plan[name] = dict(mspoe=name.split("(")[1].split()[0])
+    return plan
 
 
 def main():
@@ -117,11 +189,14 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--model", default=None, help="HF model dir or .gguf (default: the embedded SmolLM2)")
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--search-dtype", default="bfloat16", choices=sorted(harness.DTYPES),
-                    help="GA searches' dtype, pinned so that a checkpoint resumes alike on any machine")
+    ap.add_argument("--batch-size", type=int, default=None, help="prompts per forward (default: the task's, or 16)")
+    ap.add_argument("--search-dtype", default=None, choices=sorted(harness.DTYPES),
+                    help="GA searches' dtype (default: the task's, else bfloat16), pinned so that a checkpoint "
+                    "resumes alike on any machine")
     ap.add_argument("--runs", nargs="+", default=None, help="run or resume only these GA runs; the others "
                     "are reported if done (default: all)")
+    ap.add_argument("--searches-only", action="store_true", help="run or resume the GA searches (of --runs), "
+                    "nothing else: no held-out rows, no report")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
     if args.device == "cpu":
@@ -131,25 +206,24 @@ def main():
     if unknown:
         ap.error(f"--runs: {unknown} are not runs of the {args.task} task ({', '.join(task['runs'])})")
     task["filler"] = task["filler"] if args.filler is None else args.filler
+    args.batch_size = args.batch_size or task.get("batch_size", 16)
+    args.search_dtype = args.search_dtype or task.get("search_dtype", "bfloat16")
     args.out = args.out or default_out(args.task)
     os.makedirs(os.path.join(args.out, "rows"), exist_ok=True)
+    if args.searches_only:
+        for name in args.runs or task["runs"]:
+            search(name, task["runs"][name], task, args)
+        return
     search_set = kv.kv_sets(20, 5, task["search"], 1, filler=task["filler"])
     held = kv.kv_sets(20, 5, task["heldout"], 2, filler=task["filler"])
     kv.check_disjoint(search_set, held)
 
     model, tok = harness.load_model(args.model, "float32", args.device)
     layers = lr.num_layers(model)
-    upath = os.path.join(args.out, "uniform.json")
-    if not os.path.exists(upath) and not args.report_only:
-        fit = {u: kv.kv_fitness(model, tok, search_set, [u] * layers, batch_size=args.batch_size).fitness
-               for u in UNIFORM}
-        lr.write_json(upath, {"search_set_fitness": {str(u): f for u, f in fit.items()},
-                              "best": max(UNIFORM, key=lambda u: (fit[u], -u))})
-    best_u = json.load(open(upath))["best"]
-    rows = {"no scaling": score(row_path(args.out, "no scaling"), model, tok, held, batch_size=args.batch_size)}
-    plan = {f"uniform x{best_u:g}": dict(factors=[best_u] * layers),
-            "linear ramp 1..2": dict(factors=lr.linear_factors([1.0, 2.0], layers)),
-            "Ms-PoE (score order)": dict(mspoe="score"), "Ms-PoE (fixed order)": dict(mspoe="fixed")}
+    chunk = task.get("chunk")
+    rows = {"no scaling": score(row_path(args.out, "no scaling"), model, tok, held, {},
+                                batch_size=args.batch_size, chunk=chunk)}
+    plan = baseline_rows(task, best_uniform(args, task, model, tok, search_set, layers), layers)
     plan.update({name: dict(run=flags) for name, flags in task["runs"].items()})
     searched = {}
     for name, how in plan.items():  # baselines first, then each GA run followed by its held-out row
@@ -163,7 +237,7 @@ def main():
             how["factors"] = searched[name][0]
         if skip and not os.path.exists(file):
             continue
-        rows[name] = score(file, model, tok, held, baseline=rows["no scaling"], batch_size=args.batch_size, **how)
+        rows[name] = score(file, model, tok, held, how, rows["no scaling"], args.batch_size, chunk)
         print(f"{name}: {rows[name]['mean_accuracy']:.3f}", flush=True)
         report(args, task, rows, searched, held)
     report(args, task, rows, searched, held)
@@ -225,7 +299,7 @@ def report(args, task, rows, searched, held):
                          "command": doc.get("command")} for k, (f, doc) in searched.items()}}, indent=1)
     factor_sets = {name: f for name, (f, _) in searched.items()}
     kv.plot_kv(os.path.join(args.out, "accuracy.png"), rows, factor_sets,
-               f"SmolLM2-135M, {args.task} task (filler {task['filler']}): {n} held-out prompts per position")
+               f"{args.model or 'SmolLM2-135M'}, {args.task} task (filler {task['filler']}): {n} held-out prompts per position")
     save_best(args, searched, rows)
     print(text)
 

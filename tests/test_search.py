@@ -17,6 +17,7 @@ import kv_retrieval as kv
 import layer_rope as lr
 from tiny_models import single_thread, tiny  # noqa: F401
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = lr.GAConfig(num_layers=30, population=6, generations=5, seed=3)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -98,6 +99,50 @@ def test_weights_and_objectives(tok, prompts):
     assert smooth.fitness == pytest.approx(np.mean(per_token))  # equal positions: the plain mean
     with pytest.raises(ValueError, match="objective"):
         kv.kv_fitness(model, tok, prompts, objective="f1")
+
+
+def test_fitness_of_scores_in_parts_equals_kv_fitness(tok, prompts):
+    model = tiny_lm("llama", tok)
+    for objective, weights in (("accuracy", "middle"), ("logprob", None)):
+        whole = kv.kv_fitness(model, tok, prompts, [1.5] * 3, weights, batch_size=3, objective=objective)
+        with lr.scaled(model, [1.5] * 3):
+            parts = [s for i in range(0, len(prompts), 3) for s in kv.score_kv(model, tok, prompts[i:i + 3], batch_size=3)]
+        assert kv.fitness_of(prompts, parts, weights, objective) == whole
+    with pytest.raises(ValueError, match="8 scores for 9 examples"):
+        kv.fitness_of(prompts, parts[:-1])
+
+
+def test_experiment_row_resumes_a_killed_chunked_row(tok, prompts, tmp_path, monkeypatch):
+    """experiments/lost_in_the_middle.py: a row scored `chunk` prompts at a time and killed half way goes on
+    from its partial file, and ends as the row scored in one go (prompts of one length: batches alike)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lim", os.path.join(ROOT, "experiments", "lost_in_the_middle.py"))
+    lim = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lim)
+    model = tiny_lm("llama", tok)
+    how = dict(factors=[1.5] * 3)
+    whole = lim.score(str(tmp_path / "whole.json"), model, tok, prompts, how, batch_size=3)
+    assert whole == json.load(open(tmp_path / "whole.json"))  # cached: read back, not scored again
+    real, calls = kv.score_kv, []
+
+    def dies_on_the_third_chunk(*a, **k):
+        calls.append(len(a[2]))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(kv, "score_kv", dies_on_the_third_chunk)
+    path = str(tmp_path / "row.json")
+    with pytest.raises(KeyboardInterrupt):
+        lim.score(path, model, tok, prompts, how, batch_size=3, chunk=3)
+    assert len(json.load(open(path.replace(".json", ".partial.json")))["scores"]) == 6 and not os.path.exists(path)
+    monkeypatch.setattr(kv, "score_kv", real)
+    row = lim.score(path, model, tok, prompts, how, batch_size=3, chunk=3)
+    assert not os.path.exists(path.replace(".json", ".partial.json"))
+    assert {k: v for k, v in row.items() if k != "seconds"} == {k: v for k, v in whole.items() if k != "seconds"}
+    with_base = lim.score(str(tmp_path / "b.json"), model, tok, prompts, {}, baseline=whole, batch_size=3, chunk=4)
+    assert with_base["vs_baseline"]["n"] == len(prompts)
 
 
 class RacingFitness:
