@@ -1,6 +1,11 @@
-"""Comparison baselines for layer_rope: Ms-PoE (Zhang et al. 2024, "Found in the Middle: How Language Models Use
-Long Contexts Better via Plug-and-Play Positional Encoding") on transformers 5.x Llama-family models (Llama,
-Mistral, Qwen2), through hooks only. Per attention *head*, not per layer: in every layer not in `skip_layers`,
+"""Comparison baselines for layer_rope on transformers 5.x Llama-family models, through hooks only:
+
+  1. Ms-PoE (Zhang et al. 2024, "Found in the Middle"): `apply_mspoe`, `mspoe` -- described here;
+  2. positional hidden-state scaling (Yu et al. 2024, "Mitigate Position Bias in Large Language Models via
+     Scaling a Single Dimension", arXiv:2406.02536): `hidden_scaling`, `find_position_channel` -- described
+     in its section below.
+
+Ms-PoE on Llama, Mistral, Qwen2. Per attention *head*, not per layer: in every layer not in `skip_layers`,
 queries and keys of the head at rank i use positions m / r_i, r_i = r_min + (r_max - r_min) * i / H, i < H.
 
 Ranks. "fixed": head h has rank h. "score": ranked once per prompt, at prefill, by position awareness, the share
@@ -32,7 +37,9 @@ import dataclasses
 import functools
 import inspect
 import math
+import string
 
+import numpy as np
 import torch
 
 import layer_rope as lr
@@ -228,8 +235,9 @@ def apply_mspoe(model, r_min: float = 1.2, r_max: float = 1.8, order: str = "sco
         raise ValueError(f"r_min ({r_min}) must be <= r_max ({r_max})")
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
-    if any(getattr(model, a, None) is not None for a in ("_mspoe_handle", "_layer_rope_handle")):
-        raise RuntimeError("model is already patched (Ms-PoE or layer_rope); remove that handle first")
+    if any(getattr(model, a, None) is not None
+           for a in ("_mspoe_handle", "_layer_rope_handle", "_hidden_scaling_handle")):
+        raise RuntimeError("model is already patched (Ms-PoE, layer_rope or hidden scaling); remove that handle first")
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     layers, rotary = getattr(decoder, "layers", None), getattr(decoder, "rotary_emb", None)
     if not isinstance(layers, torch.nn.ModuleList) or not isinstance(rotary, torch.nn.Module):
@@ -268,3 +276,264 @@ def mspoe(model, *args, **kw):
         yield handle
     finally:
         handle.remove()
+
+
+# -----------------------------------------------------------------------------
+# 2. Positional hidden-state scaling (Yu et al. 2024, arXiv:2406.02536)
+#
+# Some channel d of the hidden states carries absolute position: averaged over inputs, its value moves
+# monotonically and smoothly with the token's position. Multiplying that channel of the attention input
+# (the output of each layer's input norm) by s in the middle layers (their configs: layers 10-25 of 32, s in
+# {0.5, 0, -0.5, -1}) flattens the position bias of the last token's attention.
+#
+# Which rows, following the public code (PositionalHidden, modeling_llama_hidden_scale.py: factor, dims,
+# layers, last_recompute_tokens; skip_first = 0 and change_value = False in all its configs): in a pass of
+# T > n tokens (a prefill, a teacher-forced scoring) the last n = last_tokens rows attend with their query
+# computed from the scaled input x' (x'_d = s * x_d) to keys computed from x' at every position, and values
+# from the unscaled x; rows before T - n are the unpatched layer, queries, keys and values from x (scaling
+# every row's keys instead would change every position's output). The cache keeps the keys from x' and the
+# values from x, so a decoding step is all last rows. Hence generate's step logits equal one forward over
+# prompt + generated tokens with last_tokens = 1 + the tokens generated before the last, and a teacher-forced
+# answer of k tokens read after prompt + answer[:-1] (kv_retrieval.score_kv) is generate's with
+# last_tokens = k (their validation loss feeds the whole answer: k + 1). Positions before T - n are exactly
+# the unpatched model's in every layer: only the last rows change. Cost: in a patched layer a pass of more
+# than n tokens runs attention twice.
+#
+# Mechanism: a pre-hook on each patched attention makes x'; hooks on q_proj and k_proj return the projection
+# of x' (v_proj untouched), so the attention runs with queries and keys from x' (and caches those keys); a
+# forward hook then runs the attention once more, unhooked and without the cache, and keeps its rows before
+# T - n. "Last" is the sequence's last position: left padding (as generate and kv_retrieval.score_kv pad)
+# keeps real last tokens there. A pass of more than n tokens on a filled cache (chunked prefill) is refused.
+
+SCALES = (0.5, 0.0, -0.5, -1.0)  # the paper's grid of factors s
+
+
+def _named(fn, args, kwargs) -> dict:
+    """The call's arguments by name (keyword catch-alls merged in)."""
+    a = inspect.signature(fn).bind_partial(*args, **kwargs).arguments
+    return {**a.pop("kwargs", {}), **a}
+
+
+@dataclasses.dataclass
+class HiddenScaling:
+    """What `hidden_scaling` returns: remove() -- or leaving its `with` block -- restores the model bit for bit."""
+
+    model: torch.nn.Module
+    channel: int
+    scale: float
+    layers: list
+    last_tokens: int = 1
+    _hooks: list = dataclasses.field(default_factory=list, repr=False)
+    _scaled: dict = dataclasses.field(default_factory=dict, repr=False)  # layer -> x' while its attention runs
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks, self._scaled = [], {}
+        if getattr(self.model, "_hidden_scaling_handle", None) is self:
+            del self.model._hidden_scaling_handle
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    # -- hooks --------------------------------------------------------------------------------
+    def _before_attn(self, i, attn, args, kwargs):
+        a = _named(attn.forward, args, kwargs)
+        x, cache = a["hidden_states"], a.get("cache", a.get("past_key_values"))
+        if x.shape[1] > self.last_tokens and cache is not None and cache.get_seq_length(attn.layer_idx) > 0:
+            raise RuntimeError(f"layer {i}: {x.shape[1]} new tokens on a filled cache (chunked prefill?); hidden "
+                               f"scaling recomputes only the last {self.last_tokens} rows of a pass after the first")
+        xs = x.clone()
+        xs[..., self.channel] *= self.scale
+        self._scaled[i] = xs
+
+    def _on_proj(self, i, proj, inp, out):
+        xs = self._scaled.get(i)  # None in the unhooked rerun below
+        return None if xs is None else torch.nn.functional.linear(xs, proj.weight, proj.bias)
+
+    def _after_attn(self, i, attn, args, kwargs, out):
+        self._scaled.pop(i, None)
+        a = _named(attn.forward, args, kwargs)
+        T, n = a["hidden_states"].shape[1], self.last_tokens
+        if T <= n:
+            return None  # every row is a last row
+        for name in ("cache", "past_key_values"):  # the rerun must not write the cache
+            if name in a:
+                a[name] = None
+        mask = a.get("attention_mask")
+        if torch.is_tensor(mask) and mask.shape[-1] != T:  # a static cache's mask: the prefill's keys come first
+            a["attention_mask"] = mask[..., :T]
+        plain = attn.forward(**a)[0]  # .forward: without this module's hooks; the projections' find no x'
+        return (torch.cat([plain[:, :T - n], out[0][:, T - n:]], dim=1), *out[1:])
+
+
+def _scalable_attention(i, layer):
+    """Layer i's attention module, or TypeError saying why hidden scaling cannot patch it."""
+    attn = getattr(layer, "self_attn", None)
+    projs = [getattr(attn, p, None) for p in ("q_proj", "k_proj", "v_proj")]
+    if not all(isinstance(p, torch.nn.Linear) for p in projs) or len({p.in_features for p in projs}) != 1:
+        raise TypeError(f"layer {i}: no self_attn with q_proj/k_proj/v_proj linear layers on one input (e.g. a "
+                        "fused qkv_proj); hidden scaling supports Llama-family attention")
+    params = inspect.signature(attn.forward).parameters
+    if "hidden_states" not in params or not isinstance(getattr(attn, "layer_idx", None), int):
+        raise TypeError(f"layer {i}: {type(attn).__name__} takes no hidden_states or has no layer_idx")
+    return attn
+
+
+def hidden_scaling(model, channel: int, scale: float, layers, last_tokens: int = 1) -> HiddenScaling:
+    """Scale channel `channel` of the attention input by `scale` in `layers` (Yu et al. 2024): the last
+    `last_tokens` rows of a pass, and every decoding step, attend with queries and keys from the scaled input,
+    values from the unscaled one (see the section comment). Use as `with hidden_scaling(...):` or call
+    .remove(). TypeError: a model it cannot patch; ValueError: bad arguments; RuntimeError: already patched."""
+    if any(getattr(model, a, None) is not None for a in ("_hidden_scaling_handle", "_mspoe_handle")):
+        raise RuntimeError("model is already patched (hidden scaling or Ms-PoE); remove that handle first")
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    stack = getattr(decoder, "layers", None)
+    if not isinstance(stack, torch.nn.ModuleList):
+        raise TypeError(f"{type(model).__name__}: no decoder layer stack; hidden scaling supports transformers 5.x "
+                        "Llama-family models")
+    layers = list(layers)
+    ok = all(isinstance(l, int) and not isinstance(l, bool) and 0 <= l < len(stack) for l in layers)
+    if not (ok and layers and len(set(layers)) == len(layers)):
+        raise ValueError(f"layers must be distinct layer indices in [0, {len(stack)}), got {layers!r}")
+    attns = {i: _scalable_attention(i, stack[i]) for i in layers}
+    width = attns[layers[0]].q_proj.in_features
+    if isinstance(channel, bool) or not isinstance(channel, int) or not 0 <= channel < width:
+        raise ValueError(f"channel must be an integer in [0, {width}), got {channel!r}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    if isinstance(last_tokens, bool) or not isinstance(last_tokens, int) or last_tokens < 1:
+        raise ValueError(f"last_tokens must be an integer >= 1, got {last_tokens!r}")
+    handle = HiddenScaling(model, channel, float(scale), layers, last_tokens)
+    at = functools.partial
+    for i, attn in attns.items():
+        handle._hooks += [attn.register_forward_pre_hook(at(handle._before_attn, i), with_kwargs=True),
+                          attn.register_forward_hook(at(handle._after_attn, i), with_kwargs=True),
+                          attn.q_proj.register_forward_hook(at(handle._on_proj, i)),
+                          attn.k_proj.register_forward_hook(at(handle._on_proj, i))]
+    model._hidden_scaling_handle = handle
+    return handle
+
+
+# The channel search, without training (their experiments/search_dimension): average each layer's output
+# hidden states (the model's output_hidden_states without the embeddings, as their get_avg_hidden_state.py;
+# RMSNorm keeps channels apart, so the residual stream's channel d is the attention input's channel d) over
+# random printable-character strings; in layers 2 .. L-2, call a channel monotone where a least-squares cubic
+# through its min-max normalised mean curve, from position mono_skip on, has differences of one sign; keep the
+# channels monotone in one direction (their majority direction; a tie counts as decreasing) in more than L // 4
+# layers; rank them by smoothness, the least over those layers of the sum of squared second differences of the
+# normalised curve from smooth_skip on after a Savitzky-Golay filter (window 10, cubic); the top_k go to the
+# validation loss, each with every scale of the grid (theirs tried s = 0 only). Defaults are theirs: 200
+# strings of 1,000 tokens, mono_skip 300, smooth_skip 200, top_k 10.
+
+
+@dataclasses.dataclass
+class ChannelSearch:
+    """What `find_position_channel` returns. channel, scale, loss: the pick, the (candidate, scale) of least
+    validation loss (None when no channel qualified); baseline_loss: unpatched. candidates: by smoothness,
+    smoothest first; trend[c]: per layer +1 / -1 (monotone up / down) or 0; smoothness[c]: lower is smoother;
+    losses: [channel, scale, loss] in evaluation order; monotone_channels: how many qualified before top_k."""
+
+    channel: int | None
+    scale: float | None
+    loss: float | None
+    baseline_loss: float
+    candidates: list
+    trend: dict
+    smoothness: dict
+    losses: list
+    monotone_channels: int
+    settings: dict
+
+    def to_json(self) -> dict:
+        doc = dataclasses.asdict(self)
+        doc["trend"], doc["smoothness"] = ({str(k): v for k, v in d.items()} for d in (self.trend, self.smoothness))
+        return doc
+
+
+def random_strings(tok, n: int, length: int, seed: int = 0) -> torch.Tensor:
+    """(n, length) token ids of seeded random strings of printable ASCII characters without spaces (their
+    corpus, random_string.txt, is such a string), 10 characters drawn per token as their shards are."""
+    chars = np.array(list(string.ascii_letters + string.digits + string.punctuation))
+    rng, rows = np.random.default_rng(seed), []
+    for _ in range(n):
+        ids = tok("".join(rng.choice(chars, 10 * length)), add_special_tokens=False)["input_ids"][:length]
+        if len(ids) < length:
+            raise ValueError(f"{10 * length} random characters gave {len(ids)} tokens, fewer than {length}")
+        rows.append(ids)
+    return torch.tensor(rows, dtype=torch.long)
+
+
+@torch.inference_mode()
+def mean_hidden_states(model, ids: torch.Tensor, batch_size: int = 4) -> np.ndarray:
+    """(layers, positions, hidden) float64: each decoder layer's output hidden states averaged over the rows
+    of ids (equal-length rows, no padding)."""
+    device, total = next(model.parameters()).device, None
+    for b in range(0, len(ids), batch_size):
+        out = model(ids[b:b + batch_size].to(device), output_hidden_states=True, use_cache=False).hidden_states
+        part = torch.stack([h.float().sum(0) for h in out[1:]])  # drop the embeddings
+        total = part if total is None else total + part
+    return total.double().cpu().numpy() / len(ids)
+
+
+def _normalised(curves: np.ndarray) -> np.ndarray:
+    """Each column min-max scaled to [0, 1] (a flat column to 0)."""
+    span = np.ptp(curves, axis=0)
+    return (curves - curves.min(0)) / np.where(span > 0, span, 1.0)
+
+
+def position_statistics(mean: np.ndarray, mono_skip: int = 300, smooth_skip: int = 200, degree: int = 3):
+    """(trend, smoothness) of mean hidden states (layers L, positions, channels): trend (L, channels) is +1 / -1
+    where a least-squares polynomial of `degree` through the normalised curve from mono_skip on only rises /
+    falls (0 otherwise; layers 0, 1 and L-1 are not judged); smoothness (channels,) is the least sum of squared
+    second differences over the channel's monotone layers (its majority direction) of the Savitzky-Golay
+    smoothed, normalised curve from smooth_skip on, or inf for a channel monotone in L // 4 layers or fewer."""
+    from scipy.signal import savgol_filter
+
+    L, T, H = mean.shape
+    if T - max(mono_skip, smooth_skip) < 10:
+        raise ValueError(f"{T} positions leave fewer than 10 after skipping {max(mono_skip, smooth_skip)}")
+    x = np.arange(T - mono_skip, dtype=float)
+    trend = np.zeros((L, H), dtype=int)
+    for layer in range(2, L - 1):
+        y = _normalised(mean[layer, mono_skip:])
+        steps = np.diff(np.vander(x, degree + 1) @ np.polyfit(x, y, degree), axis=0)
+        flat = np.ptp(y, axis=0) == 0
+        trend[layer] = np.where((steps >= 0).all(0) & ~flat, 1, np.where((steps <= 0).all(0) & ~flat, -1, 0))
+    up, down = (trend == 1).sum(0), (trend == -1).sum(0)
+    direction = np.where(up > down, 1, -1)
+    rough = np.stack([(np.diff(savgol_filter(_normalised(mean[layer, smooth_skip:]), 10, 3, axis=0), 2, axis=0) ** 2)
+                      .sum(0) for layer in range(L)])
+    smoothness = np.where(trend == direction, rough, np.inf).min(0)
+    return trend, np.where(np.maximum(up, down) > L // 4, smoothness, np.inf)
+
+
+def find_position_channel(model, tok, validation_loss, layers, scales=SCALES, samples: int = 200,
+                          length: int = 1000, seed: int = 0, top_k: int = 10, mono_skip: int = 300,
+                          smooth_skip: int = 200, last_tokens: int = 1, batch_size: int = 4) -> ChannelSearch:
+    """The positional channel of `model` without training (see the comment above): candidates from the mean
+    hidden states of `samples` random strings of `length` tokens (seeded), ranked by smoothness; then each of
+    the top_k with each scale, hidden_scaling(model, channel, scale, layers, last_tokens) applied while
+    validation_loss(model) -> float runs; the pick has the least loss."""
+    for name, v, least in [("samples", samples, 1), ("length", length, 1), ("seed", seed, 0), ("top_k", top_k, 1),
+                           ("mono_skip", mono_skip, 0), ("smooth_skip", smooth_skip, 0), ("batch_size", batch_size, 1)]:
+        lr.check_int(name, v, least)
+    for s in scales:  # refuse bad layers, scales or last_tokens before the long part
+        hidden_scaling(model, 0, s, layers, last_tokens).remove()
+    ids = random_strings(tok, samples, length, seed)
+    trend, smoothness = position_statistics(mean_hidden_states(model, ids, batch_size), mono_skip, smooth_skip)
+    qualified = np.flatnonzero(np.isfinite(smoothness))
+    candidates = [int(c) for c in qualified[np.argsort(smoothness[qualified], kind="stable")][:top_k]]
+    baseline, losses = float(validation_loss(model)), []
+    for c in candidates:
+        for s in scales:
+            with hidden_scaling(model, c, s, layers, last_tokens):
+                losses.append([c, float(s), float(validation_loss(model))])
+    best = min(losses, key=lambda e: e[2]) if losses else [None, None, None]  # ties: the smoother, earlier scale
+    settings = dict(samples=samples, length=length, seed=seed, layers=list(layers), scales=[float(s) for s in scales],
+                    top_k=top_k, mono_skip=mono_skip, smooth_skip=smooth_skip, last_tokens=last_tokens)
+    return ChannelSearch(*best, baseline, candidates, {c: trend[:, c].tolist() for c in candidates},
+                         {c: float(smoothness[c]) for c in candidates}, losses, len(qualified), settings)
