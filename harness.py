@@ -108,6 +108,13 @@ def model_path(model: str | None) -> str:
     return model
 
 
+def model_slug(model: str | None) -> str:
+    """A file-name stem for a --model value, for results named after the model: smollm2-135m by default."""
+    if model is None or model in MODELS:
+        return model or "smollm2-135m"
+    return os.path.basename(str(model).rstrip("/")).removesuffix(".gguf")
+
+
 def _gguf_as_safetensors(path: str) -> str:
     """A directory with the GGUF file's weights dequantised to float32 safetensors (written once, atomically)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -693,11 +693,15 @@ def _rescore_finalists(args, model, tok, search, res: GAResult, cfg: GAConfig, r
     finalists = sorted((e for e in res.evaluations if e[3] in (None, len(search))), key=lambda e: -e[1])
     finalists = finalists[:args.finalists]
     before = [e[1] for e in finalists]
-    after = [kv_fitness(model, tok, search, individual_factors(e[0], cfg), **_fitness_kw(args)).fitness
-             for e in finalists]
+    if args.heldout_dtype == args.dtype:  # the search's scores are already the held-out dtype's
+        after = list(before)
+    else:
+        after = [kv_fitness(model, tok, search, individual_factors(e[0], cfg), **_fitness_kw(args)).fitness
+                 for e in finalists]
     chosen = finalists[int(np.argmax(after))][0]  # ties: the better search-dtype rank
     record["finalists"] = {"individuals": [list(e[0]) for e in finalists], "search_dtype": before,
                            args.heldout_dtype: after, "chosen": list(chosen), "same_best": chosen == finalists[0][0],
+                           "rescored": args.heldout_dtype != args.dtype,
                            "kendall_tau": float(kendalltau(before, after)[0]) if len(finalists) > 2 else None}
     return chosen
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The GPU checks of issues 13 and 14 in ONE call on one H100/H200 (device tool: <= 8 minutes), every step
+# The GPU checks of issues 13, 14 and 25 in ONE call on one H100/H200 (device tool: <= 8 minutes), every step
 # time-boxed so that a slow one cannot eat the others, everything packed into OUT/gpu-run.tgz at the end:
 #
 #   bash experiments/gpu_run.sh "$OUT"                          # on the GPU machine
 #   TINY=1 DEVICE=cpu bash experiments/gpu_run.sh /tmp/gpu-tiny  # the same pipeline on CPU, tiny settings
+#   STEPS="edge" bash experiments/gpu_run.sh "$OUT"             # only some steps (forward, short, search, edge)
 #
 # 1. time per forward of the embedded model at 16k and 24k tokens (Dynamic-NTK, bfloat16; `table` records
 #    seconds per forward, the first includes CUDA's warm-up, so 2 needles per length)
@@ -12,6 +13,8 @@
 # 3. issue 14: layer factors on top of Dynamic-NTK searched on passkeys at 16k AND 24k (2 needles each,
 #    population 20 x 11 = 200 evaluations, racing), then the held-out table at 16k and 24k (5 needles per
 #    length, ntk vs ntk+layer, float32, paired per needle)
+# 4. issue 25: the edge task (~7k tokens, near the trained 8,192) at 20 search / 100 held-out prompts per
+#    position, GA 20 x 10 with racing, two search spaces, float32 (the driver's `edge-gpu` task)
 #
 # The model: the embedded GGUF (98 MB) is larger than what one device call carries (64 MiB); carry it in
 # two halves over two calls while the machine is warm (`split -n 2 SmolLM2-135M-Instruct.Q4_1.gguf
@@ -26,10 +29,12 @@ mkdir -p "$work"
 export PYTHONUNBUFFERED=1
 model=(${MODEL:+--model "$MODEL"})
 if [ -n "${TINY:-}" ]; then  # the pipeline end to end in minutes on CPU
-  lengths=(1024 1536); task=smoke; pop=3; gens=2; needles=1; held=2; box=(300 900 600 600)
-else
-  lengths=(16384 24576); task=gpu; pop=20; gens=11; needles=2; held=5; box=(45 200 150 60)  # 455 s in all
+  lengths=(1024 1536); task=smoke; edge=smoke; pop=3; gens=2; needles=1; held=2; box=(300 900 600 600 900)
+else  # 455 s for steps 1-3; the edge step's 240 s fits one call alone (STEPS=edge)
+  lengths=(16384 24576); task=gpu; edge=edge-gpu; pop=20; gens=11; needles=2; held=5; box=(45 200 150 60 240)
 fi
+steps="${STEPS:-forward short search edge}"
+on() { [[ " $steps " == *" $1 "* ]]; }
 python - <<EOF > "$work/device.json"
 import json, torch, transformers
 print(json.dumps({"device": torch.cuda.get_device_name() if "$device".startswith("cuda") else "cpu",
@@ -42,17 +47,19 @@ step() {  # step NAME SECONDS COMMAND...: run it with a time box, log it, go on 
   timeout "$limit" "$@" >> "$work/log.txt" 2>&1
   echo "== $name: exit $?, $((SECONDS - t0)) s" | tee -a "$work/log.txt"
 }
-step "forward time" "${box[0]}" python extrapolation.py table --lengths "${lengths[@]}" --samples 2 \
+on forward && step "forward time" "${box[0]}" python extrapolation.py table --lengths "${lengths[@]}" --samples 2 \
   --methods ntk --dtype bfloat16 --device "$device" --out "$work/forward-time" "${model[@]}"
-step "issue 13: short task" "${box[1]}" python experiments/lost_in_the_middle.py "$task" --device "$device" \
+on short && step "issue 13: short task" "${box[1]}" python experiments/lost_in_the_middle.py "$task" --device "$device" \
   --batch-size 64 --out "$work/lim-$task" "${model[@]}"
-step "issue 14: search" "${box[2]}" python extrapolation.py search --method ntk --length "${lengths[@]}" \
+on search && step "issue 14: search" "${box[2]}" python extrapolation.py search --method ntk --length "${lengths[@]}" \
   --needles "$needles" --freeze 16 --population "$pop" --generations "$gens" --seed 0 --dtype bfloat16 --race \
   --device "$device" --no-progress --out "$work/extrapolation-search-ntk.json" "${model[@]}"
-if [ -f "$work/extrapolation-search-ntk.json" ]; then
+if on search && [ -f "$work/extrapolation-search-ntk.json" ]; then
   step "issue 14: held-out table" "${box[3]}" python extrapolation.py table --lengths "${lengths[@]}" \
     --samples "$held" --methods ntk ntk+layer --factors "$work/extrapolation-search-ntk.json" \
     --device "$device" --out "$work/extrapolation-heldout-ntk" --resume "${model[@]}"
 fi
+on edge && step "issue 25: edge task" "${box[4]}" python experiments/lost_in_the_middle.py "$edge" \
+  --device "$device" --out "$work/lim-$edge" "${model[@]}"
 tar czf "$out/gpu-run.tgz" -C "$work" . && cp "$work/log.txt" "$out/log.txt"
 echo "packed $(tar tzf "$out/gpu-run.tgz" | wc -l) files into $out/gpu-run.tgz"

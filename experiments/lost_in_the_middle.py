@@ -62,7 +62,10 @@ TASKS = {  # search/held-out prompts per gold position, GA population x generati
                   runs={"ga-middle-seed0": ["--weights", "middle", "--seed", "0", "--scan-samples", "1"]}),
     "long": dict(filler=1, search=10, heldout=50, population=12, generations=10,  # seed 0 ran with racing
                  runs={"ga-middle-seed0": ["--weights", "middle", "--seed", "0", "--race"],
-                       "ga-middle-seed1": ["--weights", "middle", "--seed", "1"]}),
+                       "ga-middle-seed1": ["--weights", "middle", "--seed", "1"],
+                       # issue 24: the paper's search on the query-aware prompt (its row is scored on it too)
+                       "ga-middle-seed0-query-aware": ["--weights", "middle", "--seed", "0", "--race",
+                                                       "--query-aware"]}),
     # issue 25: the paper's regime, near the trained 8,192 tokens: filler 14 -> 6,993 tokens scored per
     # prompt (prompt + answer, every prompt alike). A forward costs ~100x the short task's, so: racing on,
     # layer 16 given (both scans above flagged it; a scan here costs 30 layers x prompts), float32 pinned
@@ -71,15 +74,20 @@ TASKS = {  # search/held-out prompts per gold position, GA population x generati
     # after every batch, one prompt per gold position).
     "edge": dict(filler=14, search=5, heldout=20, population=12, generations=6, search_dtype="float32",
                  batch_size=5, chunk=10, uniform=[1.02, 1.05, 1.1, 1.2],
-                 baselines=("uniform", "Ms-PoE (score order)"),
+                 baselines=("uniform", "Ms-PoE (score order)", "query-aware prompt", "hidden-state scaling"),
                  runs={"ga-middle-seed0": ["--weights", "middle", "--seed", "0", "--race", "--freeze", "16"],
                        "ga-narrow-seed0": ["--weights", "middle", "--seed", "0", "--race", "--freeze", "16",
                                            "--factor-max", "1.2", "--factor-step", "0.01"],
                        "ga-logprob-seed0": ["--weights", "middle", "--seed", "0", "--race", "--freeze", "16",
                                             "--objective", "logprob"]}),
 }
+# issue 25 on a GPU (experiments/gpu_run.sh): the edge task at 4x the prompts and a 20 x 10 GA
+TASKS["edge-gpu"] = dict(TASKS["edge"], search=20, heldout=100, population=20, generations=10, batch_size=25,
+                         chunk=None, runs={k: v for k, v in TASKS["edge"]["runs"].items() if k != "ga-logprob-seed0"})
 UNIFORM = [1.05, 1.1, 1.25, 1.5, 2.0]  # a task's default `uniform` candidates
-BASELINES = ("uniform", "linear ramp 1..2", "Ms-PoE (score order)", "Ms-PoE (fixed order)")  # default rows
+# a task's default comparison rows; the last three are issue 24's fixes known to work where Ms-PoE fails
+BASELINES = ("uniform", "linear ramp 1..2", "Ms-PoE (score order)", "Ms-PoE (fixed order)", "query-aware prompt",
+             "query-aware + GA factors", "hidden-state scaling")
 BEST = {"short": "smollm2-135m-kv.json", "long": "smollm2-135m-longkv.json",  # under results/: a task's factors
         "edge": "smollm2-135m-edgekv.json"}
 
@@ -115,20 +123,29 @@ def search(name, flags, task, args):
     return lr.load_factors(out, with_metadata=True)
 
 
+@contextlib.contextmanager
 def _patched(model, how):
-    """The context in which a row is scored: factors, Ms-PoE, or the model as it is."""
-    if how.get("mspoe"):
-        return baselines.mspoe(model, order=how["mspoe"])
-    return lr.scaled(model, how["factors"]) if how.get("factors") is not None else contextlib.nullcontext()
+    """The model as a row is scored: with its layer factors, Ms-PoE or hidden-state scaling (any of them)."""
+    with contextlib.ExitStack() as stack:
+        if how.get("factors") is not None:
+            stack.enter_context(lr.scaled(model, how["factors"]))
+        if how.get("mspoe"):
+            stack.enter_context(baselines.mspoe(model, order=how["mspoe"]))
+        if how.get("hidden"):
+            stack.enter_context(baselines.hidden_scaling(model, **how["hidden"]))
+        yield
 
 
 def score(path, model, tok, held, how, baseline=None, batch_size=8, chunk=None):
     """One held-out row, cached in `path`: kv_fitness JSON, its wall seconds and the paired comparison to
-    `baseline`. With `chunk`, prompts are scored `chunk` at a time and each chunk's scores are kept in
-    PATH.partial.json, so a killed row resumes where it stopped."""
+    `baseline`. how: factors / mspoe / hidden (see _patched), query_aware (the same prompts with the
+    question before the data too). With `chunk`, prompts are scored `chunk` at a time and each chunk's
+    scores are kept in PATH.partial.json, so a killed row resumes where it stopped."""
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
+    if how.get("query_aware"):
+        held = [dataclasses.replace(ex, query_aware=True) for ex in held]
     partial = path.replace(".json", ".partial.json")
     done = json.load(open(partial)) if chunk and os.path.exists(partial) else {"scores": [], "seconds": 0.0}
     step = chunk or len(held)
@@ -168,7 +185,7 @@ def best_uniform(args, task, model, tok, search_set, layers):
     return doc["best"]
 
 
-def baseline_rows(task, best_u, layers) -> dict:
+def baseline_rows(args, task, best_u, layers) -> dict:
     """{row name: how to score it} of the task's comparison rows."""
     plan = {}
     for name in task.get("baselines", BASELINES):
@@ -177,9 +194,32 @@ def baseline_rows(task, best_u, layers) -> dict:
                 plan[f"uniform x{best_u:g}"] = dict(factors=[best_u] * layers)
         elif name == "linear ramp 1..2":
             plan[name] = dict(factors=lr.linear_factors([1.0, 2.0], layers))
-        else:  # "Ms-PoE (score order)", "Ms-PoE (fixed order)"
+        elif name.startswith("Ms-PoE"):  # "Ms-PoE (score order)", "Ms-PoE (fixed order)"
             plan[name] = dict(mspoe=name.split("(")[1].split()[0])
+        elif name == "query-aware prompt":
+            plan[name] = dict(query_aware=True)
+        elif name == "query-aware + GA factors":  # the task's committed factors (BEST), on the query-aware prompt
+            if args.task in BEST:
+                plan[name] = dict(query_aware=True, factors=lr.load_factors(
+                    os.path.join(ROOT, "results", BEST[args.task]), num_layers=layers))
+        elif name == "hidden-state scaling":  # the channel and scale found for this model, if recorded
+            hidden = position_channel(args)
+            if hidden is not None:
+                plan[f"hidden scaling (channel {hidden['channel']}, x{hidden['scale']:g})"] = dict(hidden=hidden)
+        else:
+            raise ValueError(f"unknown comparison row {name!r}")
     return plan
+
+
+def position_channel(args):
+    """{channel, scale, layers} of the positional hidden-state channel recorded for this model by
+    experiments/position_channel.py, or None when there is none yet."""
+    path = os.path.join(ROOT, "results", f"{harness.model_slug(args.model)}-position-channel.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        pick = json.load(f)["pick"]
+    return {k: pick[k] for k in ("channel", "scale", "layers")}
 
 
 def main():
@@ -223,7 +263,7 @@ def main():
     chunk = task.get("chunk")
     rows = {"no scaling": score(row_path(args.out, "no scaling"), model, tok, held, {},
                                 batch_size=args.batch_size, chunk=chunk)}
-    plan = baseline_rows(task, best_uniform(args, task, model, tok, search_set, layers), layers)
+    plan = baseline_rows(args, task, best_uniform(args, task, model, tok, search_set, layers), layers)
     plan.update({name: dict(run=flags) for name, flags in task["runs"].items()})
     searched = {}
     for name, how in plan.items():  # baselines first, then each GA run followed by its held-out row
@@ -233,8 +273,9 @@ def main():
             done = os.path.exists(os.path.join(args.out, f"search-{name}.json"))
             if skip and not done:
                 continue
-            searched[name] = search(name, how.pop("run"), task, args)
-            how["factors"] = searched[name][0]
+            flags = how.pop("run")
+            searched[name] = search(name, flags, task, args)
+            how.update(factors=searched[name][0], query_aware="--query-aware" in flags)
         if skip and not os.path.exists(file):
             continue
         rows[name] = score(file, model, tok, held, how, rows["no scaling"], args.batch_size, chunk)
@@ -251,7 +292,8 @@ def save_best(args, searched, rows):
         return max(doc["finalists"][doc["settings"]["heldout_dtype"]])
 
     runs = {name: doc for name, (_, doc) in searched.items() if name in rows
-            and doc["settings"]["weights"] == "middle" and doc["settings"]["objective"] == "accuracy"}
+            and doc["settings"]["weights"] == "middle" and doc["settings"]["objective"] == "accuracy"
+            and not doc["settings"].get("query_aware")}  # the plain prompt's fitness, comparable across runs
     if args.task not in BEST or os.path.abspath(args.out) != default_out(args.task) or not runs:
         return
     name = max(runs, key=lambda k: search_fitness(runs[k]))

@@ -109,6 +109,9 @@ def test_quick_search_and_eval_end_to_end(tmp_path):
     assert doc["dtype"] == harness.default_dtype("cpu") and doc["heldout"]["dtype"] == "float32"
     fin = doc["finalists"]
     assert len(fin["float32"]) == len(fin["individuals"]) >= 1 and fin["chosen"] in fin["individuals"]
+    # a float32 search (a CPU without native bfloat16) is not scored again in float32: its scores are kept
+    assert fin["rescored"] == (doc["dtype"] != "float32")
+    assert fin["rescored"] or fin["float32"] == fin["search_dtype"]
     assert factors == lr.individual_factors(fin["chosen"], lr.GAConfig(**doc["ga"]))
     race = doc["racing"]
     assert 0 < race["prompts_scored"] <= race["prompts_without_racing"]
