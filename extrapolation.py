@@ -234,13 +234,22 @@ class MethodRope(NamedTuple):
     layer: bool  # whether the layer factors go on top
 
 
-def method_rope(method: str, length: int, trained_context: int, rope_theta: float,
+def method_rope(method: str, length: int, trained_context: int, rope_theta: float | None,
                 ntk_factor: float = 2.0) -> MethodRope:
     """What a method computes at `length` tokens: PI with factor 1 and Dynamic-NTK inside the trained
-    context are the unscaled RoPE, so they reduce to rope_parameters None."""
+    context are the unscaled RoPE, so they reduce to rope_parameters None. rope_theta None (model_rope_theta:
+    one RoPE per layer type) is refused beyond the trained context."""
     if method not in EXTRAPOLATION_METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {EXTRAPOLATION_METHODS}")
     base, layer = method.split("+")[0], method.endswith("+layer")
+    if rope_theta is None and base != "none" and length > trained_context:
+        # A flat rope_parameters on such a model (Gemma 3) is silently ignored by transformers, so PI would
+        # measure the unscaled model. Which layer types to scale is a choice not made yet: Gemma 3's own
+        # long-context models scale the global layers only; the sliding-window ones never see far positions.
+        raise ValueError(f"{method} at {length} tokens (beyond the trained {trained_context}) is not "
+                         "implemented for a model with one RoPE per layer type (Gemma 3: sliding-window and "
+                         f"global layers); use lengths <= {trained_context}, where every method is the "
+                         "model as trained")
     if base == "pi" and length > trained_context:
         return MethodRope({"rope_type": "linear", "factor": length / trained_context,
                            "rope_theta": rope_theta}, layer)
@@ -254,6 +263,14 @@ def default_extrapolation_factors(num_layers: int, sensitive_depth: float, top: 
     """A hand-made layer profile, piecewise linear through (0, 1), (sensitive_depth, 1), (1, top): 1.0
     from the first layer through the retrieval-critical depth, then a ramp to `top` at the last layer."""
     return lr.linear_factors([[0.0, 1.0], [sensitive_depth, 1.0], [1.0, top]], num_layers)
+
+
+def model_rope_theta(config) -> float | None:
+    """The model's RoPE base, or None where each layer type has its own RoPE (Gemma 3's rope_parameters are
+    {"sliding_attention": {...theta 1e4}, "full_attention": {...theta 1e6}}), which method_rope refuses to
+    scale."""
+    params = config.rope_parameters
+    return float(params["rope_theta"]) if "rope_theta" in params else None
 
 
 def load_with_rope(rope_parameters: dict | None, model_path: str | None = None, dtype=torch.float32,
@@ -346,7 +363,9 @@ def extrapolation_table(lengths: Sequence[int], samples: dict, factors: Sequence
     """
     load = load or functools.partial(load_with_rope, model_path=model_path, dtype=dtype, device=device)
     model, tok = load(None)
-    trained, theta = model.config.max_position_embeddings, float(model.config.rope_parameters["rope_theta"])
+    trained, theta = model.config.max_position_embeddings, model_rope_theta(model.config)
+    for length in lengths:  # a length no method can run at is refused now, not after hours of the others
+        _forward_groups(methods, length, trained, theta, ntk_factor)
     factors = lr.check_factors(factors, lr.num_layers(model))
     fsha = _fingerprint(factors)
     if remeasure_layer and log_path and os.path.exists(log_path):
@@ -639,7 +658,7 @@ def _prepared(objective: PasskeyObjective) -> tuple:
     model, tok = load(None)
     cfg = model.config
     rope = method_rope(objective.method, max(objective.lengths), cfg.max_position_embeddings,
-                       float(cfg.rope_parameters["rope_theta"]), objective.ntk_factor).rope_parameters
+                       model_rope_theta(cfg), objective.ntk_factor).rope_parameters
     if rope is not None:
         del model
         model, tok = load(rope)
@@ -672,7 +691,7 @@ def _model_config(path: str | None):
     """The model's config without its weights (a GGUF file's metadata, or config.json)."""
     from transformers import AutoConfig
 
-    path = path or harness.embedded_model_path()
+    path = harness.model_path(path)  # a known name (gemma3-270m) is its GGUF file
     if path.endswith(".gguf"):
         folder, name = os.path.split(os.path.abspath(path))
         return AutoConfig.from_pretrained(folder, gguf_file=name)
@@ -862,7 +881,7 @@ def _shared_args(p) -> None:
     p.add_argument("--haystack", choices=HAYSTACKS, default="classic", help="passkey haystack")
     p.add_argument("--ntk-factor", type=float, default=2.0, help="Dynamic-NTK factor")
     p.add_argument("--ppl-positions", type=int, default=2048, help="haystack targets scored per example")
-    p.add_argument("--model", default=None, help="HF model dir or .gguf (default: embedded SmolLM2)")
+    p.add_argument("--model", default=None, help=harness.model_help())
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
