@@ -88,7 +88,7 @@ TASKS["edge-gpu"] = dict(TASKS["edge"], search=20, heldout=100, population=20, g
 UNIFORM = [1.05, 1.1, 1.25, 1.5, 2.0]  # a task's default `uniform` candidates
 # a task's default comparison rows; the last three are issue 24's fixes known to work where Ms-PoE fails
 BASELINES = ("uniform", "linear ramp 1..2", "Ms-PoE (score order)", "Ms-PoE (fixed order)", "query-aware prompt",
-             "query-aware + GA factors", "hidden-state scaling")
+             "hidden-state scaling", "query-aware + GA factors")
 BEST = {"short": "smollm2-135m-kv.json", "long": "smollm2-135m-longkv.json",  # under results/: a task's factors
         "edge": "smollm2-135m-edgekv.json"}
 
@@ -236,6 +236,8 @@ def main():
                     "resumes alike on any machine")
     ap.add_argument("--runs", nargs="+", default=None, help="run or resume only these GA runs; the others "
                     "are reported if done (default: all)")
+    ap.add_argument("--rows", nargs="+", default=None, help="score only the comparison rows whose names start "
+                    "with these (e.g. 'query-aware prompt' 'hidden'); the others are reported if done (default: all)")
     ap.add_argument("--searches-only", action="store_true", help="run or resume the GA searches (of --runs), "
                     "nothing else: no held-out rows, no report")
     ap.add_argument("--report-only", action="store_true")
@@ -269,7 +271,8 @@ def main():
     searched = {}
     for name, how in plan.items():  # baselines first, then each GA run followed by its held-out row
         file = row_path(args.out, name)
-        skip = args.report_only or ("run" in how and args.runs is not None and name not in args.runs)
+        skip = args.report_only or ("run" in how and args.runs is not None and name not in args.runs) or (
+            "run" not in how and args.rows is not None and not name.startswith(tuple(args.rows)))
         if "run" in how:
             done = os.path.exists(os.path.join(args.out, f"search-{name}.json"))
             if skip and not done:
