@@ -237,7 +237,8 @@ def main():
     ap.add_argument("--runs", nargs="+", default=None, help="run or resume only these GA runs; the others "
                     "are reported if done (default: all)")
     ap.add_argument("--rows", nargs="+", default=None, help="score only the comparison rows whose names start "
-                    "with these (e.g. 'query-aware prompt' 'hidden'); the others are reported if done (default: all)")
+                    "with these (e.g. 'query-aware prompt' 'hidden'), and no GA run not in --runs; the others are "
+                    "reported if done (default: all)")
     ap.add_argument("--searches-only", action="store_true", help="run or resume the GA searches (of --runs), "
                     "nothing else: no held-out rows, no report")
     ap.add_argument("--report-only", action="store_true")
@@ -271,7 +272,8 @@ def main():
     searched = {}
     for name, how in plan.items():  # baselines first, then each GA run followed by its held-out row
         file = row_path(args.out, name)
-        skip = args.report_only or ("run" in how and args.runs is not None and name not in args.runs) or (
+        only = args.runs is not None or args.rows is not None  # --rows alone runs no GA search
+        skip = args.report_only or ("run" in how and only and name not in (args.runs or ())) or (
             "run" not in how and args.rows is not None and not name.startswith(tuple(args.rows)))
         if "run" in how:
             done = os.path.exists(os.path.join(args.out, f"search-{name}.json"))
