@@ -286,8 +286,9 @@ def main():
             continue
         rows[name] = score(file, model, tok, held, how, rows["no scaling"], args.batch_size, chunk)
         print(f"{name}: {rows[name]['mean_accuracy']:.3f}", flush=True)
-        report(args, task, rows, searched, held)
+        report(args, task, rows, searched, held)  # after every row: a killed run leaves its table so far
     report(args, task, rows, searched, held)
+    save_best(args, searched, rows)  # once every run is in: a partial table must not choose the task's factors
 
 
 def save_best(args, searched, rows):
@@ -348,7 +349,6 @@ def report(args, task, rows, searched, held):
     factor_sets = {name: f for name, (f, _) in searched.items()}
     kv.plot_kv(os.path.join(args.out, "accuracy.png"), rows, factor_sets,
                f"{args.model or 'SmolLM2-135M'}, {args.task} task (filler {task['filler']}): {n} held-out prompts per position")
-    save_best(args, searched, rows)
     print(text)
 
 
