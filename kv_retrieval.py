@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from harness import (DTYPES, FILLER, cached_model, default_dtype, figure, keep_freed_memory, markdown_table,
-                     run_info, worker_device, worker_pool)
+                     model_help, run_info, worker_device, worker_pool)
 from layer_rope import (CURVES, GAConfig, GAResult, check_factors, check_int, control_points, genetic_search,
                         individual_factors, linear_factors, load_factors, num_layers, save_factors, scaled,
                         synthetic_fitness, write_json)
@@ -41,8 +41,9 @@ from layer_rope import (CURVES, GAConfig, GAResult, check_factors, check_int, co
 # classic grass/sky text, so that distances grow to where RoPE's decay acts.
 #
 # Fitness is scored teacher-forced: one forward pass per prompt instead of one per generated token. An
-# answer is right iff each gold-answer token is the argmax after the prompt and the gold prefix --
-# exactly when greedy decoding would emit it -- and the gold log-probability comes for free.
+# answer is right iff each gold-answer token (the model's answer prefix, then the value: ANSWER_PREFIX) is
+# the argmax after the prompt and the gold prefix -- exactly when greedy decoding would emit it -- and the
+# gold log-probability comes for free.
 
 KV_INSTRUCTION = "Extract the value corresponding to the specified key in the JSON object below."
 LONG_KV_INSTRUCTION = "Remember the number for each word in the text below."
@@ -222,9 +223,24 @@ def check_disjoint(search: Sequence[KVExample], heldout: Sequence[KVExample]) ->
         raise ValueError("search and held-out sets share an example; use different seeds/offsets")
 
 
-# SmolLM2-135M-Instruct answers the raw prompt with ` <value>`: a space, then the digits. The gold
-# answer must be the tokens greedy decoding emits, so that teacher forcing agrees with `generate`.
+# The gold answer must be the tokens greedy decoding emits, so that teacher forcing agrees with `generate`,
+# and what the model writes before the value is part of it. SmolLM2-135M-Instruct answers every prompt with
+# ` <value>`: a space, then the digits -- ANSWER_PREFIX. Gemma 3 270M (a base model) answers the generated
+# JSON prompt in the JSON's own format, the token ' "', the digits, a closing quote (' "1234"'), but the
+# query-aware JSON prompt, the original data's 75-key JSON prompt and the long-range prompts with ' 1234'
+# (greedy first tokens, float32: ' "' on 27 of 27, 0 of 14, 0 of 3, 0 of 25). No fixed prefix per prompt
+# format holds, so a model listed in ANSWER_ALTERNATIVES gets its prefix per prompt: the candidate
+# (ANSWER_PREFIX first, then its alternatives) whose gold starts with the model's own argmax after the
+# prompt -- greedy decoding's first token, so scorer and `generate` agree by construction. Every model not
+# listed (SmolLM2 included) has ANSWER_PREFIX alone and is scored exactly as before, one pass per prompt;
+# a prompt that takes an alternative costs a second pass (Gemma's generated JSON prompts: all of them).
 ANSWER_PREFIX = " "
+ANSWER_ALTERNATIVES = {"gemma3_text": (' "',)}  # config.model_type -> prefixes besides ANSWER_PREFIX
+
+
+def answer_prefixes(model) -> tuple:
+    """The answer prefixes the scorer tries for `model`: ANSWER_PREFIX, then ANSWER_ALTERNATIVES' (see there)."""
+    return (ANSWER_PREFIX,) + ANSWER_ALTERNATIVES.get(getattr(model.config, "model_type", None), ())
 
 
 def prompt_text(tok, ex: KVExample, chat: bool = False) -> str:
@@ -238,6 +254,25 @@ def prompt_text(tok, ex: KVExample, chat: bool = False) -> str:
 def encode(tok, text: str) -> list[int]:
     """Token ids of text, without special tokens."""
     return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def bos_ids(tok) -> list[int]:
+    """[BOS] if the tokenizer puts its BOS before a text (Gemma: [<bos>]), else [] (SmolLM2: its tokenizer adds
+    no special tokens, although its bos_token is <|im_start|>). Nothing a tokenizer appends (an EOS) is taken."""
+    bos = tok.bos_token_id
+    return [bos] if bos is not None and tok("")["input_ids"][:1] == [bos] else []
+
+
+def prompt_ids(tok, ex: KVExample, chat: bool = False) -> list[int]:
+    """The token ids the model reads, in the scorer and in greedy_answers alike.
+
+    Raw prompt: bos_ids + the text's ids, i.e. the text as the tokenizer encodes it with its own BOS. Gemma
+    needs its <bos>: without it Gemma 3 270M mostly echoes a key on the JSON prompt (1 of 12 right, 9 of 12
+    with it). SmolLM2's tokenizer adds nothing, so its ids are the text's alone, as every recorded result
+    read them. Chat: the template's text, nothing added: a template writes its own BOS where the model
+    wants one (Gemma's begins with '<bos>'), and a second one would be out of distribution.
+    """
+    return ([] if chat else bos_ids(tok)) + encode(tok, prompt_text(tok, ex, chat))
 
 
 def _left_padded(tok, sequences: list[list[int]], device) -> dict:
@@ -260,20 +295,42 @@ class KVScore:
 
 @torch.inference_mode()
 def score_kv(model, tok, examples: Sequence[KVExample], chat: bool = False, batch_size: int = 8) -> list[KVScore]:
-    """Teacher-forced exact match and gold log-probability, one forward pass per prompt.
+    """Teacher-forced exact match and gold log-probability, one forward pass per prompt (two for some, below).
 
-    The model reads prompt + gold[:-1], gold = tokens(ANSWER_PREFIX + value); the logits at the last
-    len(gold) positions predict the gold tokens. The model's own forward computes logits only there
-    (`logits_to_keep`), so any final soft-capping or logit scaling of the family is applied. Prompts are
-    sorted by length and left-padded in batches on the model's device; position_ids count real tokens,
-    so a batched score equals the unbatched one up to float rounding.
+    The model reads prompt + gold[:-1], prompt = prompt_ids (with the tokenizer's BOS where it adds one),
+    gold = tokens(prefix + value) with prefix = ANSWER_PREFIX (' 1234'); the logits at the last len(gold)
+    positions predict the gold tokens. A model with ANSWER_ALTERNATIVES (Gemma 3: ' "1234') is scored again
+    on each prompt whose argmax after the prompt is not the gold's first token but an alternative gold's:
+    then with that gold (see ANSWER_PREFIX). The model's own forward computes logits only at the gold
+    positions (`logits_to_keep`), so any final soft-capping or logit scaling of the family is applied.
+    Prompts are sorted by length and left-padded in batches on the model's device; position_ids count real
+    tokens, so a batched score equals the unbatched one up to float rounding.
     """
     check_int("batch_size", batch_size, 1)
-    golds = [encode(tok, ANSWER_PREFIX + ex.value) for ex in examples]
-    inputs = [encode(tok, prompt_text(tok, ex, chat)) + g[:-1] for ex, g in zip(examples, golds)]
+    prompts = [prompt_ids(tok, ex, chat) for ex in examples]
+    prefixes = answer_prefixes(model)
+    golds = [encode(tok, prefixes[0] + ex.value) for ex in examples]
+    out, first = _teacher_forced(model, tok, prompts, golds, batch_size)
+    again = {}  # example -> its gold with the alternative prefix greedy decoding starts with
+    for i, ex in enumerate(examples):
+        if first[i] != golds[i][0]:
+            starts = {g[0]: g for g in (encode(tok, p + ex.value) for p in prefixes[1:])}
+            if first[i] in starts:
+                again[i] = starts[first[i]]
+    if again:
+        rescored, _ = _teacher_forced(model, tok, [prompts[i] for i in again], list(again.values()), batch_size)
+        for i, score in zip(again, rescored):
+            out[i] = score
+    return out
+
+
+def _teacher_forced(model, tok, prompts: list, golds: list, batch_size: int) -> tuple[list, list]:
+    """(KVScore of each prompt + gold, the argmax token after each prompt): score_kv's forward passes."""
+    inputs = [p + g[:-1] for p, g in zip(prompts, golds)]
     order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
     device = next(model.parameters()).device
     out: list[KVScore | None] = [None] * len(inputs)
+    first: list[int | None] = [None] * len(inputs)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         keep = max(len(golds[i]) for i in idx)
@@ -283,16 +340,19 @@ def score_kv(model, tok, examples: Sequence[KVExample], chat: bool = False, batc
             gold = torch.tensor(golds[i], device=device)
             scores = row[keep - len(gold):]  # position t predicts gold[t]
             nll = torch.nn.functional.cross_entropy(scores, gold, reduction="none")
-            out[i] = KVScore(bool((scores.argmax(-1) == gold).all()), -float(nll.sum()), len(gold))
-    return out
+            best = scores.argmax(-1)
+            out[i] = KVScore(bool((best == gold).all()), -float(nll.sum()), len(gold))
+            first[i] = int(best[0])
+    return out, first
 
 
 @torch.inference_mode()
 def greedy_answers(model, tok, examples: Sequence[KVExample], max_new_tokens: int = 8, chat: bool = False,
                    batch_size: int = 8) -> list[str]:
-    """Greedy `generate` continuations of each prompt (decoded, special tokens dropped)."""
+    """Greedy `generate` continuations of each prompt (decoded, special tokens dropped); the prompts are the
+    scorer's ids (prompt_ids)."""
     device = next(model.parameters()).device
-    prompts = [encode(tok, prompt_text(tok, ex, chat)) for ex in examples]
+    prompts = [prompt_ids(tok, ex, chat) for ex in examples]
     out = []
     for start in range(0, len(prompts), batch_size):
         batch = _left_padded(tok, prompts[start:start + batch_size], device)
@@ -845,7 +905,7 @@ QUICK = dict(pairs=10, positions=3, search_samples=2, heldout_samples=3, scan_sa
 
 
 def _common_args(c):
-    c.add_argument("--model", default=None, help="local HF model directory or .gguf (default: embedded SmolLM2)")
+    c.add_argument("--model", default=None, help=model_help())
     c.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     c.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="search: bfloat16 where the device has it, else float32; eval, sensitivity: float32")

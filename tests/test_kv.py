@@ -140,6 +140,34 @@ def sample():
     return [ex for g in (0, 4, 9) for ex in kv.make_kv_examples(4, num_pairs=10, gold_index=g, seed=11)]
 
 
+def test_smollm2_reads_the_prompt_ids_every_recorded_result_read(model):
+    """SmolLM2's tokenizer adds no special tokens (its bos_token <|im_start|> included), so prompt_ids -- the
+    tokenizer's BOS where it adds one -- are the text's ids alone, raw and chat, JSON and long-range; and
+    its one answer prefix is ' ': the ids every recorded result was scored on."""
+    m, tok = model
+    assert tok("hello")["input_ids"] == tok("hello", add_special_tokens=False)["input_ids"]
+    assert kv.bos_ids(tok) == [] and tok.bos_token_id is not None
+    assert kv.answer_prefixes(m) == (kv.ANSWER_PREFIX,) == (" ",)
+    examples = (kv.make_kv_examples(2, num_pairs=10, gold_index=4, seed=11)
+                + kv.make_kv_examples(2, num_pairs=4, gold_index=1, seed=13, filler=2)
+                + kv.make_kv_examples(1, num_pairs=10, gold_index=9, seed=12, query_aware=True)
+                + kv.load_kv_examples(DATA, gold_index=10, limit=1))
+    for ex in examples:
+        for chat in (False, True):
+            text = kv.prompt_text(tok, ex, chat)
+            assert kv.prompt_ids(tok, ex, chat) == tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_answer_prefixes_by_model_type():
+    import types
+
+    def model(model_type):
+        return types.SimpleNamespace(config=types.SimpleNamespace(model_type=model_type))
+
+    assert kv.answer_prefixes(model("gemma3_text")) == (" ", ' "')
+    assert kv.answer_prefixes(model("llama")) == kv.answer_prefixes(model("gemma2")) == (" ",)
+
+
 def test_teacher_forced_agrees_with_greedy_generate(model, sample):
     m, tok = model
     scores = kv.score_kv(m, tok, sample, batch_size=6)
