@@ -284,9 +284,11 @@ def main():
             how.update(factors=searched[name][0], query_aware="--query-aware" in flags)
         if skip and not os.path.exists(file):
             continue
+        fresh = not os.path.exists(file)
         rows[name] = score(file, model, tok, held, how, rows["no scaling"], args.batch_size, chunk)
         print(f"{name}: {rows[name]['mean_accuracy']:.3f}", flush=True)
-        report(args, task, rows, searched, held)  # after every row: a killed run leaves its table so far
+        if fresh:  # after every newly scored row: a killed run leaves its table so far
+            report(args, task, rows, searched, held)
     report(args, task, rows, searched, held)
     save_best(args, searched, rows)  # once every run is in: a partial table must not choose the task's factors
 
