@@ -206,21 +206,22 @@ def baseline_rows(args, task, best_u, layers) -> dict:
         elif name == "hidden-state scaling":  # the channel and scale found for this model, if recorded
             hidden = position_channel(args)
             if hidden is not None:
-                plan[f"hidden scaling (channel {hidden['channel']}, x{hidden['scale']:g})"] = dict(hidden=hidden)
+                plan[f"hidden scaling (channel {hidden['channel']}, x{hidden['scale']:g}, "
+                     f"{hidden['last_tokens']} rows)"] = dict(hidden=hidden)
         else:
             raise ValueError(f"unknown comparison row {name!r}")
     return plan
 
 
 def position_channel(args):
-    """{channel, scale, layers} of the positional hidden-state channel recorded for this model by
+    """{channel, scale, layers, last_tokens} of the positional hidden-state channel recorded for this model by
     experiments/position_channel.py, or None when there is none yet."""
     path = os.path.join(ROOT, "results", f"{harness.model_slug(args.model)}-position-channel.json")
     if not os.path.exists(path):
         return None
     with open(path) as f:
         pick = json.load(f)["pick"]
-    return {k: pick[k] for k in ("channel", "scale", "layers")}
+    return {k: pick[k] for k in ("channel", "scale", "layers", "last_tokens")}  # last_tokens: the answer's rows
 
 
 def main():
