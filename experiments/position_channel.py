@@ -60,10 +60,10 @@ def main(argv=None):
         harness.keep_freed_memory()
     model, tok = harness.load_model(args.model, "float32", args.device)
     val = validation_set(args.validation, args.filler)
-    answer = {len(kv.encode(tok, kv.ANSWER_PREFIX + ex.value)) for ex in val}
-    if len(answer) != 1:
-        raise SystemExit(f"validation answers of several token counts {sorted(answer)}: last_tokens is ambiguous")
-    last_tokens, layers = answer.pop(), middle_layers(lr.num_layers(model))
+    # The scorer's gold is prefix + value with any of the model's answer prefixes (Gemma 3: ' 1234' or ' "1234');
+    # the rows that predict it are its last len(gold) input rows, so the longest gold covers every prompt.
+    last_tokens = max(len(kv.encode(tok, p + ex.value)) for ex in val for p in kv.answer_prefixes(model))
+    layers = middle_layers(lr.num_layers(model))
 
     def validation_loss(m) -> float:  # mean gold NLL per token, every gold position weighted alike
         return -kv.kv_fitness(m, tok, val, objective="logprob", batch_size=args.batch_size).fitness
