@@ -583,8 +583,14 @@ class SensitivityScan:
 
 
 def sensitivity(model, tok, examples: Sequence[KVExample], factor: float = 2.0, layers=None,
-                progress: bool = True, **fitness_kw) -> SensitivityScan:
-    """Fitness with each layer in `layers` (default all) alone scaled by `factor`, the others at 1.0."""
+                progress: bool = True, checkpoint: str | None = None, **fitness_kw) -> SensitivityScan:
+    """Fitness with each layer in `layers` (default all) alone scaled by `factor`, the others at 1.0.
+
+    checkpoint: a JSON file written after the baseline and after every layer; a rerun with the same model,
+    prompts, factor and fitness settings takes the layers found there back instead of scoring them again
+    (a scan on long prompts takes hours), and is refused if any of those differ."""
+    import hashlib
+
     from tqdm.auto import tqdm
 
     count = num_layers(model)
@@ -593,11 +599,32 @@ def sensitivity(model, tok, examples: Sequence[KVExample], factor: float = 2.0, 
     for layer in layers:
         if check_int("layer", layer) not in range(count):
             raise ValueError(f"layer {layer!r} is not a decoder layer index in 0 .. {count - 1}")
-    out = {}
-    for layer in tqdm(layers, desc=f"sensitivity x{factor}", disable=not progress):
+    prompts = hashlib.sha256("\x00".join(f"{ex.prompt}\x01{ex.value}" for ex in examples).encode()).hexdigest()
+    tag = {"model": getattr(model.config, "_name_or_path", None), "layers": count, "factor": float(factor),
+           "prompts": prompts, "fitness": {k: fitness_kw[k] for k in sorted(fitness_kw)}}
+    saved = {}
+    if checkpoint and os.path.exists(checkpoint):
+        with open(checkpoint) as f:
+            saved = json.load(f)
+        if saved.get("tag") != json.loads(json.dumps(tag)):
+            raise ValueError(f"{checkpoint} holds a scan of other settings ({saved.get('tag')}, now {tag}): "
+                             "delete it or write elsewhere")
+
+    def save():
+        if checkpoint:
+            write_json(checkpoint, {"tag": tag, "baseline": base.to_json(),
+                                    "layers": {str(k): v.to_json() for k, v in out.items()}})
+
+    out = {int(k): KVFitness.from_json(v) for k, v in saved.get("layers", {}).items() if int(k) in layers}
+    base = KVFitness.from_json(saved["baseline"]) if "baseline" in saved else kv_fitness(
+        model, tok, examples, None, **fitness_kw)
+    save()
+    for layer in tqdm([layer for layer in layers if layer not in out], desc=f"sensitivity x{factor}",
+                      disable=not progress):
         alone = [factor if i == layer else 1.0 for i in range(count)]
         out[layer] = kv_fitness(model, tok, examples, alone, **fitness_kw)
-    return SensitivityScan(float(factor), kv_fitness(model, tok, examples, None, **fitness_kw), out)
+        save()
+    return SensitivityScan(float(factor), base, {layer: out[layer] for layer in layers})
 
 
 @dataclasses.dataclass
@@ -869,7 +896,8 @@ def cmd_sensitivity(args) -> dict:
     """`python kv_retrieval.py sensitivity`: the fitness with each layer alone scaled."""
     model, tok = cached_model(args.model, args.device, args.dtype)
     examples = _examples(args, args.samples, args.seed)
-    scan = sensitivity(model, tok, examples, args.factor, **_fitness_kw(args))
+    scan = sensitivity(model, tok, examples, args.factor, progress=not args.no_progress,
+                       checkpoint=args.out and checkpoint_path(args.out), **_fitness_kw(args))
     print(scan.table())
     doc = {**run_info(args.device, args.dtype, args.argv), "prompts": len(examples), "seed": args.seed,
            "sensitive(max_drop=0.5)": scan.sensitive(0.5), **scan.to_json()}

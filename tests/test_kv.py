@@ -222,3 +222,36 @@ def test_sensitive_layers_use_accuracy_or_gold_probability():
     assert s.sensitive(0.5) == [0]
     with pytest.raises(ValueError):
         s.sensitive(0.0)
+
+
+def test_a_killed_sensitivity_scan_resumes_from_its_checkpoint(model, tmp_path, monkeypatch):
+    m, tok = model
+    sample = [ex for p in (0, 9) for ex in kv.make_kv_examples(2, 10, p, seed=5)]
+    ck = str(tmp_path / "scan.ckpt.json")
+    whole = kv.sensitivity(m, tok, sample, 2.0, layers=[3, 16, 29], progress=False, batch_size=4)
+    real, calls = kv.kv_fitness, []
+
+    def scaled(a, k):  # a call that scores a layer (kv_fitness calls itself once more, factors None)
+        return (a[3] if len(a) > 3 else k.get("factors")) is not None
+
+    def dies_on_the_second_layer(*a, **k):
+        if scaled(a, k):
+            if len(calls) == 1:
+                raise KeyboardInterrupt
+            calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(kv, "kv_fitness", dies_on_the_second_layer)
+    with pytest.raises(KeyboardInterrupt):  # the baseline and layer 3 are scored, then the run dies
+        kv.sensitivity(m, tok, sample, 2.0, layers=[3, 16, 29], progress=False, checkpoint=ck, batch_size=4)
+    calls.clear()
+    monkeypatch.setattr(kv, "kv_fitness", lambda *a, **k: (calls.append(1) if scaled(a, k) else None) or real(*a, **k))
+    resumed = kv.sensitivity(m, tok, sample, 2.0, layers=[3, 16, 29], progress=False, checkpoint=ck, batch_size=4)
+    assert len(calls) == 2  # layers 16 and 29 only; the baseline came from the checkpoint too
+    assert resumed.to_json() == whole.to_json()
+    for other in (dict(factor=0.5), dict(batch_size=8)):  # another scan is refused, not mixed in
+        with pytest.raises(ValueError, match="other settings"):
+            kv.sensitivity(m, tok, sample, **{"factor": 2.0, "batch_size": 4, **other}, layers=[3], progress=False,
+                           checkpoint=ck)
+    with pytest.raises(ValueError, match="other settings"):
+        kv.sensitivity(m, tok, sample[:2], 2.0, layers=[3], progress=False, checkpoint=ck, batch_size=4)
