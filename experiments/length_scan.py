@@ -153,6 +153,7 @@ def main(argv=None):
     cells = [parse_cell(c.strip()) for c in args.cells.split(",") if c.strip()]
     out = args.out or os.path.join(ROOT, "results", harness.model_slug(args.model), "length-scan.json")
     stem = os.path.splitext(out)[0]
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     settings = {"model": harness.model_slug(args.model), "dtype": args.dtype, "positions": args.positions,
                 "samples": args.samples, "seed": SEED}
     doc = json.load(open(out)) if os.path.exists(out) else {**settings, "cells": {}, "cell_specs": {}}

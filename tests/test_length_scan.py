@@ -38,7 +38,7 @@ def test_dip_test_matches_the_recorded_filler_curve():
 
 
 def test_a_killed_scan_resumes_where_it_stopped(tmp_path, monkeypatch, smollm2):
-    out = str(tmp_path / "scan.json")
+    out = str(tmp_path / "new" / "scan.json")  # a folder not there yet is made
     argv = ["--cells", "json:6,long:4:1", "--positions", "2", "--samples", "2", "--out", out]
     real, calls = kv.score_kv, []
 
@@ -64,9 +64,9 @@ def test_a_killed_scan_resumes_where_it_stopped(tmp_path, monkeypatch, smollm2):
     assert doc["cells"]["json:6"]["scores"] == first and doc["cells"]["long:4:1"]["done"]
     s = doc["cells"]["long:4:1"]["summary"]
     assert list(s["positions"]) == ["0", "3"] and s["prompts"] == 4 and s["tokens"]["mean"] > 50
-    table = open(str(tmp_path / "scan.md")).read()
+    table = open(str(tmp_path / "new" / "scan.md")).read()
     assert "json:6" in table and "long:4:1" in table and "Fisher" in table
-    assert os.path.exists(str(tmp_path / "scan.png"))
+    assert os.path.exists(str(tmp_path / "new" / "scan.png"))
 
     with pytest.raises(SystemExit, match="other settings"):
         length_scan.main([*argv[:-2], "--samples", "3", "--out", out])
