@@ -103,24 +103,35 @@ def scan_cell(model, tok, cell: dict, args, record: dict, save) -> None:
 
 
 def report(doc: dict) -> str:
-    """The markdown table of every finished cell."""
-    rows = []
-    positions = None
+    """The markdown table of every finished cell: accuracy at its gold positions, first to last (a cell's
+    own gold indices are listed beside it: 0/5/10/14/19 of 20 pairs, 0/18/37/56/74 of 75)."""
+    rows, width = [], 0
     for name, record in doc["cells"].items():
         if not record.get("done"):
             continue
         s = summarise(doc["cell_specs"][name], record)
-        positions = positions or list(s["positions"])
+        width = max(width, len(s["positions"]))
         accs = [f"{v['accuracy']:.2f} [{v['wilson95'][0]:.2f}, {v['wilson95'][1]:.2f}]" for v in s["positions"].values()]
         d = s["dip"]
-        rows.append([name, f"{s['tokens']['mean']:,.0f}", *accs,
+        rows.append([name, f"{s['tokens']['mean']:,.0f}", "/".join(str(p) for p in s["positions"]), *accs,
                      f"{d['middle'][0]}/{d['middle'][1]} vs {d['ends'][0]}/{d['ends'][1]}, p = {d['p']:.2g}",
                      f"{s['seconds'] / s['prompts']:.1f}"])
     if not rows:
         return "(no cell finished yet)\n"
-    header = ["cell", "tokens", *(f"idx {p} [95% Wilson]" for p in positions),
+    rows = [r[:-2] + [""] * (width + 5 - len(r)) + r[-2:] for r in rows]  # a cell with fewer positions: blanks
+    header = ["cell", "tokens", "gold indices", *(f"position {k + 1} [95% Wilson]" for k in range(width)),
               "middle vs ends, Fisher p", "s/prompt"]
     return harness.markdown_table(header, rows)
+
+
+def write_report(doc: dict, stem: str, command: str) -> None:
+    """STEM.md (the table, how it was measured) and STEM.png, from the finished cells."""
+    with open(f"{stem}.md", "w") as f:
+        f.write(f"# {doc['model']}: KV accuracy by gold position and length\n\n`{command}` ({doc['dtype']}, "
+                f"{doc['device']}; {doc['samples']} prompts per gold position, seed {doc['seed']}; teacher-forced "
+                f"exact match; the middle dip: the middle positions pooled against the first and last, Fisher's "
+                f"exact test, two-sided; s/prompt: scoring seconds per prompt).\n\n{report(doc)}")
+    plot(doc, f"{stem}.png")
 
 
 def plot(doc: dict, path: str) -> None:
@@ -151,6 +162,8 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="JSON to write (default results/<model>/length-scan.json)")
     args = ap.parse_args(argv)
     cells = [parse_cell(c.strip()) for c in args.cells.split(",") if c.strip()]
+    if not cells:
+        ap.error("--cells: no cell given")
     out = args.out or os.path.join(ROOT, "results", harness.model_slug(args.model), "length-scan.json")
     stem = os.path.splitext(out)[0]
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -163,6 +176,8 @@ def main(argv=None):
     if args.device == "cpu":
         harness.keep_freed_memory()
     model, tok = harness.cached_model(args.model, args.device, args.dtype)
+
+    command = " ".join(["python experiments/length_scan.py", *(sys.argv[1:] if argv is None else argv)])
 
     def save():
         doc.update(harness.run_info(args.device, args.dtype, sys.argv if argv is None else argv))
@@ -178,14 +193,9 @@ def main(argv=None):
         record["done"] = True
         record["summary"] = summarise(cell, record)
         save()
-        with open(f"{stem}.md", "w") as f:
-            f.write(f"# {doc['model']}: KV accuracy by gold position and length\n\n"
-                    f"`{' '.join(['python experiments/length_scan.py', *(sys.argv[1:] if argv is None else argv)])}`"
-                    f" ({args.dtype}, {args.device}; {args.samples} prompts per gold "
-                    f"index, seed {SEED}; teacher-forced exact match; the middle dip: the middle indices pooled "
-                    f"against the first and last, Fisher's exact test, two-sided).\n\n{report(doc)}")
-        plot(doc, f"{stem}.png")
+        write_report(doc, stem, command)
         print(report(doc), flush=True)
+    write_report(doc, stem, command)
 
 
 if __name__ == "__main__":

@@ -65,7 +65,8 @@ def test_a_killed_scan_resumes_where_it_stopped(tmp_path, monkeypatch, smollm2):
     s = doc["cells"]["long:4:1"]["summary"]
     assert list(s["positions"]) == ["0", "3"] and s["prompts"] == 4 and s["tokens"]["mean"] > 50
     table = open(str(tmp_path / "new" / "scan.md")).read()
-    assert "json:6" in table and "long:4:1" in table and "Fisher" in table
+    assert "| json:6 |" in table and "| long:4:1 |" in table and "Fisher" in table
+    assert "| 0/5 |" in table and "| 0/3 |" in table  # each cell's own gold indices
     assert os.path.exists(str(tmp_path / "new" / "scan.png"))
 
     with pytest.raises(SystemExit, match="other settings"):
