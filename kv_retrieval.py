@@ -587,8 +587,8 @@ def sensitivity(model, tok, examples: Sequence[KVExample], factor: float = 2.0, 
     """Fitness with each layer in `layers` (default all) alone scaled by `factor`, the others at 1.0.
 
     checkpoint: a JSON file written after the baseline and after every layer; a rerun with the same model,
-    prompts, factor and fitness settings takes the layers found there back instead of scoring them again
-    (a scan on long prompts takes hours), and is refused if any of those differ."""
+    dtype, prompts, factor and fitness settings takes the layers found there back instead of scoring them
+    again (a scan on long prompts takes hours), and is refused if any of those differ."""
     import hashlib
 
     from tqdm.auto import tqdm
@@ -600,7 +600,8 @@ def sensitivity(model, tok, examples: Sequence[KVExample], factor: float = 2.0, 
         if check_int("layer", layer) not in range(count):
             raise ValueError(f"layer {layer!r} is not a decoder layer index in 0 .. {count - 1}")
     prompts = hashlib.sha256("\x00".join(f"{ex.prompt}\x01{ex.value}" for ex in examples).encode()).hexdigest()
-    tag = {"model": getattr(model.config, "_name_or_path", None), "layers": count, "factor": float(factor),
+    tag = {"model": getattr(model.config, "_name_or_path", None), "layers": count,
+           "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "factor": float(factor),
            "prompts": prompts, "fitness": {k: fitness_kw[k] for k in sorted(fitness_kw)}}
     saved = {}
     if checkpoint and os.path.exists(checkpoint):

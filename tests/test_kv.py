@@ -1,8 +1,10 @@
 """KV retrieval: prompt format, data, generator, metric, and teacher-forced scoring vs greedy generate."""
 
+import copy
 import os
 
 import pytest
+import torch
 
 import harness
 import kv_retrieval as kv
@@ -255,3 +257,6 @@ def test_a_killed_sensitivity_scan_resumes_from_its_checkpoint(model, tmp_path, 
                            checkpoint=ck)
     with pytest.raises(ValueError, match="other settings"):
         kv.sensitivity(m, tok, sample[:2], 2.0, layers=[3], progress=False, checkpoint=ck, batch_size=4)
+    with pytest.raises(ValueError, match="other settings"):  # the same model in another dtype
+        kv.sensitivity(copy.deepcopy(m).to(torch.bfloat16), tok, sample, 2.0, layers=[3], progress=False,
+                       checkpoint=ck, batch_size=4)
