@@ -616,7 +616,7 @@ def sensitivity(model, tok, examples: Sequence[KVExample], factor: float = 2.0, 
             write_json(checkpoint, {"tag": tag, "baseline": base.to_json(),
                                     "layers": {str(k): v.to_json() for k, v in out.items()}})
 
-    out = {int(k): KVFitness.from_json(v) for k, v in saved.get("layers", {}).items() if int(k) in layers}
+    out = {int(k): KVFitness.from_json(v) for k, v in saved.get("layers", {}).items()}  # kept, asked for or not
     base = KVFitness.from_json(saved["baseline"]) if "baseline" in saved else kv_fitness(
         model, tok, examples, None, **fitness_kw)
     save()
