@@ -19,9 +19,9 @@ given, short to long by default, so a run cut short still has a scan up to some 
 """
 
 import argparse
+import json
 import os
 import sys
-import json
 import time
 
 import numpy as np
@@ -73,14 +73,14 @@ def dip_test(correct_at: dict) -> dict:
     return {"middle": [m_ok, m_n], "ends": [e_ok, e_n], "p": p}
 
 
-def summarise(cell: dict, record: dict) -> dict:
-    """Per-position accuracy with Wilson intervals, the dip test and cost of one scored cell."""
+def summarise(name: str, record: dict) -> dict:
+    """Per-position accuracy with Wilson intervals, the dip test and cost of the scored cell `name`."""
     correct_at = {}
     for key, score in record["scores"].items():
         correct_at.setdefault(int(key.split("/")[0]), []).append(bool(score["correct"]))
     positions = {p: {"correct": sum(v), "n": len(v), "accuracy": sum(v) / len(v),
                      "wilson95": kv.wilson_interval(sum(v), len(v))} for p, v in sorted(correct_at.items())}
-    return {"cell": cell["name"], "tokens": record["tokens"], "positions": positions, "dip": dip_test(correct_at),
+    return {"cell": name, "tokens": record["tokens"], "positions": positions, "dip": dip_test(correct_at),
             "seconds": record["seconds"], "prompts": len(record["scores"])}
 
 
@@ -109,7 +109,7 @@ def report(doc: dict) -> str:
     for name, record in doc["cells"].items():
         if not record.get("done"):
             continue
-        s = summarise(doc["cell_specs"][name], record)
+        s = summarise(name, record)
         width = max(width, len(s["positions"]))
         accs = [f"{v['accuracy']:.2f} [{v['wilson95'][0]:.2f}, {v['wilson95'][1]:.2f}]" for v in s["positions"].values()]
         d = s["dip"]
@@ -138,7 +138,7 @@ def plot(doc: dict, path: str) -> None:
     fig, ax = harness.figure(figsize=(7, 4))
     for name, record in doc["cells"].items():
         if record.get("done"):
-            s = summarise(doc["cell_specs"][name], record)
+            s = summarise(name, record)
             xs = list(s["positions"])
             ax.plot(xs, [v["accuracy"] for v in s["positions"].values()], "o-",
                     label=f"{name} (~{s['tokens']['mean']:,.0f} tokens)")
@@ -169,7 +169,7 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     settings = {"model": harness.model_slug(args.model), "dtype": args.dtype, "positions": args.positions,
                 "samples": args.samples, "seed": SEED}
-    doc = json.load(open(out)) if os.path.exists(out) else {**settings, "cells": {}, "cell_specs": {}}
+    doc = json.load(open(out)) if os.path.exists(out) else {**settings, "cells": {}}
     clash = {k: (doc.get(k), v) for k, v in settings.items() if doc.get(k) != v}
     if clash:
         raise SystemExit(f"{out} was written with other settings {clash} (recorded, asked); use another --out")
@@ -185,13 +185,12 @@ def main(argv=None):
 
     for cell in cells:
         record = doc["cells"].setdefault(cell["name"], {"scores": {}, "seconds": 0.0})
-        doc["cell_specs"][cell["name"]] = cell
         if record.get("done"):
             continue
         print(f"{cell['name']} ({args.positions} positions x {args.samples} prompts)", flush=True)
         scan_cell(model, tok, cell, args, record, save)
         record["done"] = True
-        record["summary"] = summarise(cell, record)
+        record["summary"] = summarise(cell["name"], record)
         save()
         write_report(doc, stem, command)
         print(report(doc), flush=True)
