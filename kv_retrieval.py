@@ -14,6 +14,7 @@ layer_rope.py for the method it searches.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -730,7 +731,7 @@ def _fitness_kw(args) -> dict:
 def _ga_config(args, layers: int, freeze) -> GAConfig:
     return GAConfig(num_layers=layers, num_points=args.points, factor_min=args.factor_min, factor_max=args.factor_max,
                     factor_step=args.factor_step, curve=args.curve, freeze=tuple(freeze),
-                    population=args.population, generations=args.generations, seed=args.seed)
+                    layers=tuple(args.search_layers), population=args.population, generations=args.generations, seed=args.seed)
 
 
 @dataclasses.dataclass
@@ -804,13 +805,19 @@ def _heldout_rows(args, model, tok, search, held, factors, freeze, record, step)
     step("uniform factors (search set)")
     settings = {"no scaling": [1.0] * layers, f"uniform x{best_u:g}": [best_u] * layers,
                 f"linear ramp 1..{args.factor_max:g}": linear_factors([1.0, args.factor_max], layers),
-                "GA " + args.curve + (f" (frozen {freeze})" if freeze else ""): factors}
+                _ga_label(args, freeze): factors}
     heldout = evaluate_rows(model, tok, held, settings, **kw)
     step("held-out evaluation")
     record.update(uniform_search_fitness={str(u): f for u, f in ufit.items()}, best_uniform=best_u,
                   heldout={"seed": args.heldout_seed, "per_position": args.heldout_samples,
                            "dtype": args.heldout_dtype, "results": heldout}, heldout_factors=settings)
     return heldout, settings
+
+
+def _ga_label(args, freeze) -> str:
+    if args.search_layers:
+        return f"GA layers {','.join(map(str, args.search_layers))}"
+    return "GA " + args.curve + (f" (frozen {freeze})" if freeze else "")
 
 
 def cmd_search(args) -> dict:
@@ -829,13 +836,16 @@ def cmd_search(args) -> dict:
         timings[name] = round(time.time() - started - sum(timings.values()), 1)
 
     if args.synthetic:  # no model: the GA machinery alone, for tests of kill/resume
-        res = _run_ga(args, _SyntheticObjective(args.eval_delay, args.eval_log), args.layers,
-                      freeze if isinstance(freeze, list) else [], {"fitness": "synthetic"})
-        save_factors(args.out, res.factors, control_points=res.control_points, **record, result=res.to_json())
+        freeze = freeze if isinstance(freeze, list) else []
+        res = _run_ga(args, _SyntheticObjective(args.eval_delay, args.eval_log), args.layers, freeze,
+                      {"fitness": "synthetic"})
+        save_factors(args.out, res.factors, control_points=res.control_points, **record,
+                     ga=_ga_config(args, args.layers, freeze).to_json(), result=res.to_json())
         return record
     kw = _fitness_kw(args)
     model, tok = cached_model(args.model, args.device, args.dtype)
     layers = num_layers(model)
+    _ga_config(args, layers, freeze if isinstance(freeze, list) else [])  # bad GA settings fail before scoring
     step("model load")
     search, held = _examples(args, args.search_samples, args.search_seed), _examples(
         args, args.heldout_samples, args.heldout_seed, args.search_samples if args.data else 0)
@@ -844,9 +854,10 @@ def cmd_search(args) -> dict:
     record["search_baseline"] = kv_fitness(model, tok, search, None, **kw).to_json()
     print(f"[search] baseline on the search set: {record['search_baseline']['accuracy']}", flush=True)
     step("baseline (search set)")
-    if freeze == "auto":
+    if freeze == "auto" and not args.search_layers:  # with --search-layers every other layer is 1.0 anyway
         freeze = _scan_for_frozen_layers(args, model, tok, search, record)
         step("sensitivity scan")
+    freeze = [] if freeze == "auto" else freeze
     freeze = [] if freeze == "none" else freeze
     tag = search_tag(args)
     objective = KVObjective(search, args.model, args.device, args.dtype, args.weights, args.objective, args.chat,
@@ -922,7 +933,18 @@ def _freeze_arg(s: str):
     try:
         return sorted({int(v) for v in s.split(",") if v.strip()})
     except ValueError:
-        raise ValueError(f"--freeze takes 'auto', 'none' or comma-separated layer indices, got {s!r}") from None
+        raise argparse.ArgumentTypeError(f"--freeze takes 'auto', 'none' or comma-separated layer indices, "
+                                         f"got {s!r}") from None
+
+
+def _layers_arg(s: str) -> list[int]:
+    try:
+        layers = [int(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--search-layers takes comma-separated layer indices, got {s!r}") from None
+    if not layers:
+        raise argparse.ArgumentTypeError("--search-layers needs at least one layer index")
+    return layers
 
 
 def _weights_arg(s: str):
@@ -955,8 +977,6 @@ def _common_args(c):
 
 
 def _parser():
-    import argparse
-
     ap = argparse.ArgumentParser(prog="kv_retrieval.py", description=__doc__.strip().split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     commands = {"search": "baseline, layer scan, GA search and held-out evaluation on KV retrieval",
@@ -981,6 +1001,9 @@ def _parser():
         s.add_argument(f"--{name}", type=float, default=default)
     s.add_argument("--freeze", type=_freeze_arg, default="auto", help="'auto' (layer scan), 'none', or e.g. 16,17")
     s.add_argument("--curve", default="bezier", choices=sorted(CURVES))
+    s.add_argument("--search-layers", type=_layers_arg, default=[], metavar="L1,L2,...",
+                   help="no curve: search these layers' factors directly, one gene each, every other layer at "
+                   "1.0 (e.g. a hybrid model's global-attention layers); no layer scan")
     s.add_argument("--uniform", default="1.25,1.5,2.0", help="uniform factors tried for the 'best uniform' row")
     s.add_argument("--race", action=argparse.BooleanOptionalAction, default=False,
                    help="stop scoring a candidate once it cannot reach the elite (off by default: see README)")

@@ -442,7 +442,9 @@ CURVES: dict[str, Callable[..., list[float]]] = {"bezier": layer_factors, "linea
 # friendly (the checkpoint). Offspring come from tournament selection, uniform crossover of whole control
 # points and +-k grid-step mutation; inner x's are re-sorted, so every individual is a valid curve. A
 # child already evaluated is mutated again (a few tries) so the budget goes to new points; the elite
-# survive unchanged.
+# survive unchanged. With `layers` set there is no curve: the individual is one factor index per listed
+# layer (every other layer stays at 1.0), the direct search of a few layers, such as a hybrid model's
+# global-attention layers.
 #
 # The JSON checkpoint, written atomically after every evaluation, holds the generation's population, the
 # RNG state after breeding it and every evaluation so far. A resumed search re-evaluates nothing and
@@ -460,6 +462,7 @@ class GAConfig:
     factor_step: float = 0.05
     curve: str = "bezier"  # a key of CURVES
     freeze: tuple = ()  # layers held at 1.0 whatever the curve says
+    layers: tuple = ()  # if set: no curve, one gene per listed layer, every other layer at 1.0
     population: int = 8
     generations: int = 4
     elite: int = 2
@@ -496,6 +499,14 @@ class GAConfig:
         if len(set(self.freeze)) != len(self.freeze):
             raise ValueError(f"freeze lists a layer twice: {list(self.freeze)}")
         object.__setattr__(self, "freeze", tuple(sorted(int(layer) for layer in self.freeze)))
+        for layer in self.layers:
+            if check_int("searched layer", layer) not in range(self.num_layers):
+                raise ValueError(f"layers: {layer!r} is not a layer index in 0 .. {self.num_layers - 1}")
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"layers lists a layer twice: {list(self.layers)}")
+        if self.layers and self.freeze:
+            raise ValueError("layers and freeze exclude each other: with layers, every layer not listed is at 1.0")
+        object.__setattr__(self, "layers", tuple(sorted(int(layer) for layer in self.layers)))
 
     @property
     def grid(self) -> list[float]:
@@ -505,10 +516,18 @@ class GAConfig:
 
     @property
     def genes(self) -> int:
-        return 2 * self.num_points - 2
+        return len(self.layers) if self.layers else 2 * self.num_points - 2
+
+    @property
+    def inner(self) -> int:
+        """Leading genes that are layer positions (the inner control points' x); the rest index the grid."""
+        return 0 if self.layers else self.num_points - 2
 
     def to_json(self) -> dict:
-        return dict(dataclasses.asdict(self), freeze=list(self.freeze))
+        doc = dict(dataclasses.asdict(self), freeze=list(self.freeze), layers=list(self.layers))
+        if not self.layers:  # written only when set, so checkpoints from before the option still resume
+            del doc["layers"]
+        return doc
 
 
 def check_individual(ind, config: GAConfig) -> tuple:
@@ -516,13 +535,13 @@ def check_individual(ind, config: GAConfig) -> tuple:
     if isinstance(ind, (str, bytes)) or not isinstance(ind, Sequence):
         raise TypeError(f"an individual is a sequence of ints, got {type(ind).__name__}")
     if len(ind) != config.genes:
-        raise ValueError(f"individual has {len(ind)} genes, expected {config.genes} "
-                         f"({config.num_points - 2} inner layer positions + {config.num_points} factor indices)")
+        what = (f"one factor index per layer of {list(config.layers)}" if config.layers else
+                f"{config.inner} inner layer positions + {config.num_points} factor indices")
+        raise ValueError(f"individual has {len(ind)} genes, expected {config.genes} ({what})")
     for gene in ind:
         if isinstance(gene, bool) or not isinstance(gene, numbers.Integral):
             raise TypeError(f"gene {gene!r} is not an integer")
-    inner = config.num_points - 2
-    xs, ys = list(ind[:inner]), list(ind[inner:])
+    xs, ys = list(ind[:config.inner]), list(ind[config.inner:])
     if any(not 0 <= x < config.num_layers for x in xs) or xs != sorted(xs):
         raise ValueError(f"inner layer positions must be sorted and in 0 .. {config.num_layers - 1}, got {xs}")
     if any(not 0 <= y < len(config.grid) for y in ys):
@@ -531,14 +550,22 @@ def check_individual(ind, config: GAConfig) -> tuple:
 
 
 def control_points(ind, config: GAConfig) -> list[list[float]]:
-    """(x, y) control points of an individual: x the relative depth l/(L-1), y the factor."""
+    """(x, y) control points of an individual: x the relative depth l/(L-1), y the factor (with `layers`:
+    one point per listed layer)."""
     ind = check_individual(ind, config)
-    last, inner = config.num_layers - 1, config.num_points - 2
-    return [[x / last, config.grid[y]] for x, y in zip([0, *ind[:inner], last], ind[inner:])]
+    last, inner = config.num_layers - 1, config.inner
+    xs = config.layers or [0, *ind[:inner], last]
+    return [[x / last, config.grid[y]] for x, y in zip(xs, ind[inner:])]
 
 
 def individual_factors(ind, config: GAConfig) -> list[float]:
-    """Per-layer factors of an individual: its curve, with the frozen layers at 1.0."""
+    """Per-layer factors of an individual: its curve, with the frozen layers at 1.0 (with `layers`: the
+    listed layers' factors, every other layer at 1.0)."""
+    if config.layers:
+        factors = [1.0] * config.num_layers
+        for layer, y in zip(config.layers, check_individual(ind, config)):
+            factors[layer] = config.grid[y]
+        return factors
     factors = CURVES[config.curve](control_points(ind, config), config.num_layers)
     for layer in config.freeze:
         factors[layer] = 1.0
@@ -546,14 +573,14 @@ def individual_factors(ind, config: GAConfig) -> list[float]:
 
 
 def random_individual(rng: np.random.Generator, config: GAConfig) -> tuple:
-    xs = sorted(int(v) for v in rng.integers(0, config.num_layers, config.num_points - 2))
-    return tuple(xs + [int(v) for v in rng.integers(0, len(config.grid), config.num_points)])
+    xs = sorted(int(v) for v in rng.integers(0, config.num_layers, config.inner))
+    return tuple(xs + [int(v) for v in rng.integers(0, len(config.grid), config.genes - config.inner)])
 
 
 def mutate(ind: tuple, rng: np.random.Generator, config: GAConfig, force: bool = False) -> tuple:
     """Move each gene with probability mutation_rate (at least one if force) by +-1..k grid steps,
     reflected back into range; then re-sort the inner layer positions."""
-    inner, genes = config.num_points - 2, list(ind)
+    inner, genes = config.inner, list(ind)
     hit = rng.random(len(genes)) < config.mutation_rate
     if force and not hit.any():
         hit[rng.integers(len(genes))] = True
@@ -570,11 +597,13 @@ def mutate(ind: tuple, rng: np.random.Generator, config: GAConfig, force: bool =
 
 
 def crossover(a: tuple, b: tuple, rng: np.random.Generator, config: GAConfig) -> tuple:
-    """Uniform crossover of whole control points: point i (its x, if inner, and its y) from a or b."""
-    points = config.num_points
+    """Uniform crossover of whole control points: point i (its x, if inner, and its y) from a or b
+    (with `layers`: each layer's factor from a or b)."""
+    inner = config.inner
+    points = config.genes - inner
     take_b = rng.random(points) < 0.5
-    xs = [(b if take_b[i] else a)[i - 1] for i in range(1, points - 1)]
-    ys = [(b if take_b[i] else a)[points - 2 + i] for i in range(points)]
+    xs = [(b if take_b[i] else a)[i - 1] for i in range(1, points - 1)] if inner else []
+    ys = [(b if take_b[i] else a)[inner + i] for i in range(points)]
     return tuple(sorted(xs) + ys)
 
 
@@ -686,7 +715,7 @@ def _start(config: GAConfig, checkpoint: str | None, tag) -> tuple:
 
 def genetic_search(fitness: Callable, config: GAConfig, mapper=map, checkpoint: str | None = None, tag=None,
                    progress: bool = True, race: bool = False, max_evaluations: int | None = None) -> GAResult:
-    """Maximise fitness(factors) over the Bezier individuals of `config`.
+    """Maximise fitness(factors) over the individuals of `config` (Bezier curves, or its `layers`' factors).
 
     fitness: one list of per-layer factors -> a number, or anything float() accepts (a KVFitness, whose
         prompt count `n` is recorded). Higher is better.

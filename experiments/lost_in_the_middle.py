@@ -6,10 +6,11 @@ The paper's lost-in-the-middle experiment at the paper's scale on one model, aga
     python experiments/lost_in_the_middle.py edge               # near the trained length (~7k tokens)
     python experiments/lost_in_the_middle.py edge --searches-only --runs ga-middle-seed0
     python experiments/lost_in_the_middle.py short --report-only
+    python experiments/lost_in_the_middle.py gemma              # Gemma 3 270M at its JSON 75-pair cell (issue 26)
 
 Every step is skipped when its output exists, each GA search resumes from its checkpoint, and a task with
 `chunk` scores its held-out rows `chunk` prompts at a time into rows/<row>.partial.json, so the same
-command continues a killed run. Under OUT (results/lim-<task>/ by default):
+command continues a killed run. Under OUT (results/lim-<task>/, or the task's `out` under results/):
   1. search-<run>.json   one GA search each (`python kv_retrieval.py search ... --heldout-samples 0`:
                          the task's search dtype, bfloat16 unless it says otherwise; finalists re-scored in
                          float32)
@@ -65,8 +66,10 @@ TASKS = {  # search/held-out prompts per gold position, GA population x generati
                        "ga-middle-seed1": ["--weights", "middle", "--seed", "1"],
                        # issue 24: the paper's search on the query-aware prompt (its row is scored on it too),
                        # seed 0's budget; float32 (exact, and 5x faster than bfloat16 on CPUs without native bf16)
+                       # its own layer scan froze 16 (as every scan on this model has): given, so that a resumed
+                       # search does not scan again (the GA settings, and so its checkpoint, are the same)
                        "ga-middle-seed0-query-aware": ["--weights", "middle", "--seed", "0", "--race",
-                                                       "--query-aware", "--dtype", "float32"]}),
+                                                       "--query-aware", "--dtype", "float32", "--freeze", "16"]}),
     # issue 25: the paper's regime, near the trained 8,192 tokens: filler 14 -> 6,993 tokens scored per
     # prompt (prompt + answer, every prompt alike). A forward costs ~100x the short task's, so: racing on,
     # layer 16 given (both scans above flagged it; a scan here costs 30 layers x prompts), float32 pinned
@@ -82,6 +85,19 @@ TASKS = {  # search/held-out prompts per gold position, GA population x generati
                        "ga-logprob-seed0": ["--weights", "middle", "--seed", "0", "--race", "--freeze", "16",
                                             "--objective", "logprob"]}),
 }
+# issue 26: Gemma 3 270M (18 layers; 5, 11 and 17 global, the rest sliding-window). Its length scan
+# (results/gemma3-270m/length-scan.md) found no significant middle dip up to ~7k tokens; the lowest middle
+# accuracy is the original JSON prompt at 75 generated pairs (~780 tokens): the issue's fallback cell. No layer
+# is frozen: its x2 sensitivity scan there (results/gemma3-270m/sensitivity-x2.json) flags none. Besides the
+# paper's curve, the 3 global layers' own factors (a 3-gene search, 1.0-4.0 step 0.25: their RoPE base is 1e6,
+# so x2 barely moves them). float32 throughout; rows scored and checkpointed 50 prompts at a time.
+TASKS["gemma"] = dict(model="gemma3-270m", pairs=75, filler=0, search=10, heldout=50, population=12, generations=9,
+                      search_dtype="float32", batch_size=10, chunk=50, out=os.path.join("gemma3-270m", "lim-json75"),
+                      baselines=("uniform", "Ms-PoE (score order)", "query-aware prompt", "hidden-state scaling"),
+                      runs={"ga-middle-seed0": ["--weights", "middle", "--seed", "0", "--race", "--freeze", "none"],
+                            "global-middle-seed0": ["--weights", "middle", "--seed", "0", "--race",
+                                                    "--search-layers", "5,11,17", "--factor-max", "4",
+                                                    "--factor-step", "0.25"]})
 # issue 25 on a GPU (experiments/gpu_run.sh): the edge task at 4x the prompts and a 20 x 10 GA
 TASKS["edge-gpu"] = dict(TASKS["edge"], search=20, heldout=100, population=20, generations=10, batch_size=25,
                          chunk=None, runs={k: v for k, v in TASKS["edge"]["runs"].items() if k != "ga-logprob-seed0"})
@@ -90,7 +106,7 @@ UNIFORM = [1.05, 1.1, 1.25, 1.5, 2.0]  # a task's default `uniform` candidates
 BASELINES = ("uniform", "linear ramp 1..2", "Ms-PoE (score order)", "Ms-PoE (fixed order)", "query-aware prompt",
              "hidden-state scaling", "query-aware + GA factors")
 BEST = {"short": "smollm2-135m-kv.json", "long": "smollm2-135m-longkv.json",  # under results/: a task's factors
-        "edge": "smollm2-135m-edgekv.json"}
+        "edge": "smollm2-135m-edgekv.json", "gemma": "gemma3-270m-kv.json"}
 
 
 def row_path(out, name):
@@ -110,17 +126,24 @@ def load_rows(out) -> dict:
     return rows
 
 
+def search_argv(name, flags, task, args) -> list:
+    """`kv_retrieval.py search` arguments of the GA run `name` (flags: the run's own, last, so they win)."""
+    return ["search", "--out", os.path.join(args.out, f"search-{name}.json"), "--no-progress",
+            "--pairs", str(task.get("pairs", 20)), "--filler", str(task["filler"]),
+            "--search-samples", str(task["search"]), "--heldout-samples", "0",
+            "--population", str(task["population"]), "--generations", str(task["generations"]),
+            "--batch-size", str(args.batch_size), "--device", args.device, "--dtype", args.search_dtype,
+            *(["--model", args.model] if args.model else []), *flags]
+
+
 def search(name, flags, task, args):
     """Run, or resume, the GA search `name`; returns (factors, record)."""
     out = os.path.join(args.out, f"search-{name}.json")
     if not os.path.exists(out):
-        cmd = [sys.executable, os.path.join(ROOT, "kv_retrieval.py"), "search", "--out", out, "--no-progress",
-               "--filler", str(task["filler"]), "--search-samples", str(task["search"]), "--heldout-samples", "0",
-               "--population", str(task["population"]), "--generations", str(task["generations"]),
-               "--batch-size", str(args.batch_size), "--device", args.device, "--dtype", args.search_dtype,
-               *(["--model", args.model] if args.model else []), *flags]
-        print("$", " ".join(cmd[1:]), flush=True)
-        subprocess.run(cmd, check=True)  # its main() calls harness.keep_freed_memory()
+        argv = search_argv(name, flags, task, args)
+        print("$ kv_retrieval.py", " ".join(argv), flush=True)
+        # its main() calls harness.keep_freed_memory()
+        subprocess.run([sys.executable, os.path.join(ROOT, "kv_retrieval.py"), *argv], check=True)
     return lr.load_factors(out, with_metadata=True)
 
 
@@ -253,14 +276,16 @@ def main():
     task["filler"] = task["filler"] if args.filler is None else args.filler
     args.batch_size = args.batch_size or task.get("batch_size", 16)
     args.search_dtype = args.search_dtype or task.get("search_dtype", "bfloat16")
+    args.model = args.model or task.get("model")
     args.out = args.out or default_out(args.task)
     os.makedirs(os.path.join(args.out, "rows"), exist_ok=True)
     if args.searches_only:
         for name in args.runs or task["runs"]:
             search(name, task["runs"][name], task, args)
         return
-    search_set = kv.kv_sets(20, 5, task["search"], 1, filler=task["filler"])
-    held = kv.kv_sets(20, 5, task["heldout"], 2, filler=task["filler"])
+    pairs = task.get("pairs", 20)
+    search_set = kv.kv_sets(pairs, 5, task["search"], 1, filler=task["filler"])
+    held = kv.kv_sets(pairs, 5, task["heldout"], 2, filler=task["filler"])
     kv.check_disjoint(search_set, held)
 
     model, tok = harness.load_model(args.model, "float32", args.device)
@@ -303,7 +328,8 @@ def save_best(args, searched, rows):
 
     runs = {name: doc for name, (_, doc) in searched.items() if name in rows
             and doc["settings"]["weights"] == "middle" and doc["settings"]["objective"] == "accuracy"
-            and not doc["settings"].get("query_aware")}  # the plain prompt's fitness, comparable across runs
+            and not doc["settings"].get("query_aware")  # the plain prompt's fitness, comparable across runs
+            and not doc["settings"].get("search_layers")}  # the paper's curve, not a search of a few layers
     if args.task not in BEST or os.path.abspath(args.out) != default_out(args.task) or not runs:
         return
     name = max(runs, key=lambda k: search_fitness(runs[k]))
@@ -316,7 +342,7 @@ def save_best(args, searched, rows):
 
 
 def default_out(task):
-    return os.path.join(ROOT, "results", f"lim-{task}")
+    return os.path.join(ROOT, "results", TASKS[task].get("out", f"lim-{task}"))
 
 
 def logprob_report(rows, baseline="no scaling"):
@@ -338,7 +364,8 @@ def report(args, task, rows, searched, held):
     text = kv.kv_report(rows)
     lp_text, lp = logprob_report(rows)
     with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(f"{n} held-out prompts per gold position (seed 2), filler {task['filler']}; accuracy [95% Wilson]\n\n"
+        f.write(f"{args.model or 'SmolLM2-135M'}: {n} held-out prompts per gold position (seed 2), "
+                f"{task.get('pairs', 20)} pairs, filler {task['filler']}; accuracy [95% Wilson]\n\n"
                 + text + "\n\nThe gold value's log-probability (summed over its tokens), the same prompts:\n\n"
                 + lp_text + "\n")
     lr.write_json(os.path.join(args.out, "summary.json"), {

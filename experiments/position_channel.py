@@ -4,13 +4,15 @@ Language Models via Scaling a Single Dimension", arXiv 2406.02536), found withou
 chosen for it on a small KV validation set; the driver's "hidden-state scaling" rows read the pick.
 
     python experiments/position_channel.py                      # the embedded SmolLM2 -> results/smollm2-135m-position-channel.json
-    python experiments/position_channel.py --model gemma3-270m  # -> results/gemma3-270m-position-channel.json
+    python experiments/position_channel.py --model gemma3-270m --pairs 75 --filler 0
+                                        # validated on Gemma's experiment cell -> results/gemma3-270m-position-channel.json
 
 baselines.find_position_channel averages each layer's hidden states over random strings, keeps channels that
 change monotonically with position in many layers, ranks them by smoothness, and tries the top_k candidates
 with every scale of the paper's grid {0.5, 0, -0.5, -1} in the middle layers (theirs: 10-25 of 32; here the
-same share of the model's depth). The validation loss is the mean gold NLL per token on long-range KV prompts
-(filler 1) of a seed that neither task's search (1) nor held-out (2) prompts use, checked disjoint; the
+same share of the model's depth). The validation loss is the mean gold NLL per token on KV prompts (by default
+the long-range ones, 20 pairs, filler 1; --pairs/--filler pick the cell of the experiment that will use the
+channel) of a seed that no task's search (1) or held-out (2) prompts use, checked disjoint; the
 scaled rows are the answer's tokens (last_tokens = the gold answer's length), as the scorer reads them.
 """
 
@@ -34,12 +36,13 @@ def middle_layers(num_layers: int) -> list[int]:
     return list(range(round(10 * num_layers / 32), round(25 * num_layers / 32) + 1))
 
 
-def validation_set(per_position: int, filler: int) -> list:
-    """Long-range KV prompts of VALIDATION_SEED, refused if they share an example with the tasks' sets."""
-    val = kv.kv_sets(20, 5, per_position, VALIDATION_SEED, filler=filler)
+def validation_set(per_position: int, filler: int, pairs: int = 20) -> list:
+    """KV prompts of VALIDATION_SEED, refused if they share an example with the tasks' search or held-out sets
+    (those of the experiments' cells and of this one)."""
+    val = kv.kv_sets(pairs, 5, per_position, VALIDATION_SEED, filler=filler)
     for seed in (1, 2):
-        for task_filler in (0, 1, 14):
-            kv.check_disjoint(kv.kv_sets(20, 5, 100, seed, filler=task_filler), val)
+        for task_pairs, task_filler in {(20, 0), (20, 1), (20, 14), (75, 0), (pairs, filler)}:
+            kv.check_disjoint(kv.kv_sets(task_pairs, 5, 100, seed, filler=task_filler), val)
     return val
 
 
@@ -51,7 +54,9 @@ def main(argv=None):
     ap.add_argument("--length", type=int, default=1000, help="tokens per random string (theirs: 1,000)")
     ap.add_argument("--top-k", type=int, default=5, help="candidates tried on the validation set (theirs: 10)")
     ap.add_argument("--validation", type=int, default=4, help="validation prompts per gold position")
-    ap.add_argument("--filler", type=int, default=1, help="validation prompts' filler (1: the long-range task's)")
+    ap.add_argument("--pairs", type=int, default=20, help="validation prompts' key-value pairs")
+    ap.add_argument("--filler", type=int, default=1, help="validation prompts' filler (1: the long-range task's; "
+                    "0: the JSON prompt)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -59,7 +64,7 @@ def main(argv=None):
     if args.device == "cpu":
         harness.keep_freed_memory()
     model, tok = harness.load_model(args.model, "float32", args.device)
-    val = validation_set(args.validation, args.filler)
+    val = validation_set(args.validation, args.filler, args.pairs)
     # The scorer's gold is prefix + value with any of the model's answer prefixes (Gemma 3: ' 1234' or ' "1234');
     # the rows that predict it are its last len(gold) input rows, so the longest gold covers every prompt.
     last_tokens = max(len(kv.encode(tok, p + ex.value)) for ex in val for p in kv.answer_prefixes(model))
@@ -74,7 +79,8 @@ def main(argv=None):
                                                    last_tokens=last_tokens)
     out = args.out or os.path.join(ROOT, "results", f"{harness.model_slug(args.model)}-position-channel.json")
     lr.write_json(out, {**harness.run_info(args.device, "float32", argv), "pick": pick, **found.to_json(),
-                        "validation": dict(seed=VALIDATION_SEED, per_position=args.validation, filler=args.filler,
+                        "validation": dict(seed=VALIDATION_SEED, per_position=args.validation, pairs=args.pairs,
+                                           filler=args.filler,
                                            prompts=len(val), loss="mean gold NLL per token (nats)"),
                         "wall_s": round(time.time() - started, 1)}, indent=1)
     print(f"[position channel] pick {pick}; loss {found.loss} vs unpatched {found.baseline_loss:.4f}; "

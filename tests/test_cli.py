@@ -93,6 +93,19 @@ def test_bad_checkpoint_is_refused(tmp_path):
     assert r.returncode != 0 and "--freeze" in r.stderr
 
 
+def test_search_layers_searches_those_layers_only(tmp_path):
+    out = tmp_path / "s.json"
+    r = cli("search", *SYN, "--layers", "12", "--search-layers", "7,2", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    factors, doc = lr.load_factors(str(out), with_metadata=True)
+    assert doc["ga"]["layers"] == [2, 7] and len(doc["result"]["best"]) == 2
+    assert all(f == 1.0 for i, f in enumerate(factors) if i not in (2, 7)) and factors != [1.0] * 12
+    for bad, message in [("2,x", "--search-layers takes comma-separated layer indices"),
+                         ("12", "not a layer index in 0 .. 11")]:
+        r = cli("search", *SYN, "--layers", "12", "--search-layers", bad, "--out", str(tmp_path / "x.json"))
+        assert r.returncode != 0 and message in r.stderr, r.stderr
+
+
 def test_quick_search_and_eval_end_to_end(tmp_path):
     out = tmp_path / "quick.json"
     r = cli("search", "--quick", "--out", str(out), "--no-progress", timeout=900)

@@ -53,6 +53,37 @@ def test_frozen_layers_stay_at_one():
     assert r.factors[16] == r.factors[3] == 1.0 and min(r.factors[:3]) >= 1.5
 
 
+def test_listed_layers_are_searched_directly_and_the_others_stay_at_one(tmp_path):
+    cfg = lr.GAConfig(num_layers=18, layers=(17, 5, 11), factor_max=4.0, factor_step=0.25, population=6,
+                      generations=4, seed=1)
+    assert cfg.layers == (5, 11, 17) and cfg.genes == 3 and cfg.inner == 0
+    assert lr.GAConfig(**cfg.to_json()) == cfg and "layers" not in CFG.to_json()  # old checkpoints still match
+    ref = lr.genetic_search(lr.synthetic_fitness, cfg, progress=False)
+    for ind, *_ in ref.evaluations:
+        f = lr.individual_factors(ind, cfg)
+        assert [f[i] for i in (5, 11, 17)] == [cfg.grid[g] for g in ind]
+        assert all(v == 1.0 for i, v in enumerate(f) if i not in (5, 11, 17))
+    assert [p[0] for p in ref.control_points] == [5 / 17, 11 / 17, 1.0]
+    assert ref.fitness > lr.synthetic_fitness([1.0] * 18)
+    ck = str(tmp_path / "ck.json")
+    with pytest.raises(KeyboardInterrupt):
+        lr.genetic_search(Counting(fail_after=9), cfg, checkpoint=ck, progress=False)
+    assert lr.genetic_search(lr.synthetic_fitness, cfg, checkpoint=ck, progress=False).to_json() == ref.to_json()
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(2, 40), st.data())
+def test_offspring_of_a_layer_search_are_valid(seed, L, data):
+    layers = data.draw(st.lists(st.integers(0, L - 1), min_size=1, max_size=min(L, 6), unique=True))
+    cfg = lr.GAConfig(num_layers=L, layers=tuple(layers), population=4, mutation_rate=0.5)
+    rng = np.random.default_rng(seed)
+    a, b = lr.random_individual(rng, cfg), lr.random_individual(rng, cfg)
+    for ind in (a, b, lr.crossover(a, b, rng, cfg), lr.mutate(a, rng, cfg, force=True)):
+        assert len(lr.check_individual(ind, cfg)) == len(layers)
+        f = lr.individual_factors(ind, cfg)
+        assert len(f) == L and all(v == 1.0 for i, v in enumerate(f) if i not in layers)
+
+
 @settings(max_examples=50, deadline=None)
 @given(st.integers(0, 2**32 - 1), st.integers(2, 6), st.integers(2, 40))
 def test_offspring_are_valid(seed, C, L):
@@ -78,6 +109,10 @@ def test_factor_grid_includes_both_ends():
     (dict(num_layers=30, num_points=1), ValueError),
     (dict(num_layers=30, freeze=(30,)), ValueError),
     (dict(num_layers=30, freeze=(3, 3)), ValueError),
+    (dict(num_layers=30, layers=(30,)), ValueError),
+    (dict(num_layers=30, layers=(4, 4)), ValueError),
+    (dict(num_layers=30, layers=(4,), freeze=(5,)), ValueError),
+    (dict(num_layers=30, layers=(4.0,)), TypeError),
     (dict(num_layers=30, elite=6, population=6), ValueError),
     (dict(num_layers=30, curve="spline"), ValueError),
     (dict(num_layers=30.0), TypeError),

@@ -112,14 +112,39 @@ def test_fitness_of_scores_in_parts_equals_kv_fitness(tok, prompts):
         kv.fitness_of(prompts, parts[:-1])
 
 
-def test_experiment_row_resumes_a_killed_chunked_row(tok, prompts, tmp_path, monkeypatch):
-    """experiments/lost_in_the_middle.py: a row scored `chunk` prompts at a time and killed half way goes on
-    from its partial file, and ends as the row scored in one go (prompts of one length: batches alike)."""
+def _experiment():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("lim", os.path.join(ROOT, "experiments", "lost_in_the_middle.py"))
     lim = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(lim)
+    return lim
+
+
+@pytest.mark.parametrize("task", sorted(_experiment().TASKS))
+def test_every_experiment_run_is_a_valid_search_command(task):
+    """Each GA run of each task of experiments/lost_in_the_middle.py parses as `kv_retrieval.py search` and
+    gives a valid GA config for its model (SmolLM2: 30 layers, Gemma 3 270M: 18), so no typo waits hours."""
+    import argparse
+
+    lim = _experiment()
+    spec = lim.TASKS[task]
+    layers = 18 if spec.get("model") == "gemma3-270m" else 30
+    ns = argparse.Namespace(out="/tmp/x", batch_size=spec.get("batch_size", 16), device="cpu",
+                            search_dtype=spec.get("search_dtype", "bfloat16"), model=spec.get("model"))
+    for name, flags in spec["runs"].items():
+        args = kv._parser()[0].parse_args(lim.search_argv(name, flags, spec, ns))
+        assert args.pairs == spec.get("pairs", 20) and args.heldout_samples == 0
+        freeze = args.freeze if isinstance(args.freeze, list) else []
+        cfg = kv._ga_config(args, layers, freeze)
+        assert (cfg.population, cfg.generations) == (spec["population"], spec["generations"]), name
+    assert os.path.dirname(lim.default_out(task)).startswith(os.path.join(ROOT, "results"))
+
+
+def test_experiment_row_resumes_a_killed_chunked_row(tok, prompts, tmp_path, monkeypatch):
+    """experiments/lost_in_the_middle.py: a row scored `chunk` prompts at a time and killed half way goes on
+    from its partial file, and ends as the row scored in one go (prompts of one length: batches alike)."""
+    lim = _experiment()
     model = tiny_lm("llama", tok)
     how = dict(factors=[1.5] * 3)
     whole = lim.score(str(tmp_path / "whole.json"), model, tok, prompts, how, batch_size=3)
