@@ -5,8 +5,9 @@
      Scaling a Single Dimension", arXiv:2406.02536): `hidden_scaling`, `find_position_channel` -- described
      in its section below.
 
-Ms-PoE on Llama, Mistral, Qwen2. Per attention *head*, not per layer: in every layer not in `skip_layers`,
-queries and keys of the head at rank i use positions m / r_i, r_i = r_min + (r_max - r_min) * i / H, i < H.
+Ms-PoE on Llama, Mistral, Qwen2, Qwen3, Gemma 3. Per attention *head*, not per layer: in every layer not in
+`skip_layers`, queries and keys of the head at rank i use positions m / r_i, r_i = r_min + (r_max - r_min) * i / H,
+i < H.
 
 Ranks. "fixed": head h has rank h. "score": ranked once per prompt, at prefill, by position awareness, the share
 of keys whose weight in the last query's attention row exceeds alpha times the row mean. More outliers (more
@@ -19,17 +20,25 @@ or 3 (mspoe_models.py), and its fixed ("normal") order is rank H-1-h.
 Grouped-query attention: q_m . k_n depends only on m - n when query and key share the ratio, and one key head
 serves a group of query heads; so ratios go per KV head (H = number of KV heads; plain multi-head attention is
 the paper exactly), a group's awareness being the mean of its query heads'. (The public code gives a group's
-query heads ratios other than their key head's.)
+query heads ratios other than their key head's.) With one KV head (Gemma 3 270M: 4 query heads, 1 KV head) there
+is one group: every head gets r_min, Ms-PoE is linear position interpolation by r_min in the patched layers, and
+"score" is "fixed".
 
-Mechanism: a forward hook on the model-level rotary module records the pass's position_ids (so left-padded
-batches with explicit position_ids work); a pre-hook on each patched attention swaps position_embeddings for the
-identity (cos = 1, sin = 0: the model's apply_rotary_pos_emb returns q, k bit for bit); hooks on q_proj/k_proj
-rotate their outputs per KV group at m / r_i with cos/sin from the rotary module's own inv_freq and
-attention_scaling in float32 (layer_rope.rope_cos_sin), cast to the model dtype, x * cos + rotate_half(x) * sin in
-that dtype, as transformers does. Keys are cached rotated. The ranks of a prefill (a pass with an empty or no
-cache) are kept for the later passes (decoding steps) of the same generate call; scoring costs one more k_proj
-and a one-token q_proj per layer at prefill. TypeError for q_norm/k_norm or other extra attention modules, no
-q_proj/k_proj, partial rotary, a non-standard rotary module or several rope types.
+Mechanism: a forward hook on the model-level rotary module records each of its calls in the pass: position_ids
+(so left-padded batches with explicit position_ids work) and the inv_freq and attention_scaling it used (per layer
+type where one module holds several RoPEs, as Gemma 3's: sliding layers theta 1e4, global layers 1e6); a pre-hook
+on each patched attention finds, by tensor identity, the call whose output it received, and swaps
+position_embeddings for the identity (cos = 1, sin = 0: the model's apply_rotary_pos_emb returns q, k bit for bit);
+hooks on the modules whose outputs the model rotates -- q_proj/k_proj, or q_norm/k_norm where a per-head norm sits
+between projection and RoPE (Qwen3: on (B, T, H, D); Gemma 3: on (B, H, T, D)) -- rotate those outputs per KV group
+at m / r_i with cos/sin of that call's inv_freq and attention_scaling in float32 (layer_rope.rope_cos_sin), cast
+to the model dtype, x * cos + rotate_half(x) * sin in that dtype, as transformers does. Keys are cached rotated.
+The ranks of a prefill (a pass with an empty or no cache) are kept for the later passes (decoding steps) of the
+same generate call; scoring costs one more k_proj and a one-token q_proj per layer at prefill, and sees what the
+layer attends to: q_norm/k_norm applied, keys within its sliding window. TypeError for a q_norm/k_norm that is not
+per head (OLMo2's acts on the whole projection, before the reshape) or other extra attention modules, no
+q_proj/k_proj, partial rotary, or a rotary module whose cos/sin (per layer type) the standard formula does not
+give bit for bit.
 """
 
 import contextlib
@@ -46,6 +55,7 @@ import layer_rope as lr
 
 ORDERS = ("score", "fixed")
 _ATTN_CHILDREN = {"q_proj", "k_proj", "v_proj", "o_proj"}
+_NORMS = {"q_norm", "k_norm"}
 
 
 def mspoe_ratios(n_heads: int, r_min: float = 1.2, r_max: float = 1.8) -> list[float]:
@@ -53,19 +63,26 @@ def mspoe_ratios(n_heads: int, r_min: float = 1.2, r_max: float = 1.8) -> list[f
     return [r_min + (r_max - r_min) * i / n_heads for i in range(n_heads)]
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_kv: int) -> torch.Tensor:
-    """x (B, T, heads*D) as q_proj/k_proj return it; cos/sin (B or 1, T, n_kv, 1, D), one ratio per KV group.
-    Query head j belongs to KV group j // (heads / n_kv), as transformers' repeat_kv has it."""
-    B, T = x.shape[:2]
-    y = x.view(B, T, n_kv, -1, cos.shape[-1])
-    return ((y * cos) + (lr.rotate_half(y) * sin)).view(B, T, -1)
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_kv: int, layout: str = "proj") -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin per KV group; cos/sin (B or 1, T, n_kv, D), one ratio per group. x as the
+    hooked module returns it, by layout: "proj" (B, T, heads*D) from q_proj/k_proj; "bthd" (B, T, heads, D) from a
+    per-head norm before the transpose (Qwen3); "bhtd" (B, heads, T, D) from one after it (Gemma 3). Query head j
+    belongs to KV group j // (heads / n_kv), as transformers' repeat_kv has it."""
+    if layout == "bhtd":  # (B, n_kv, G, T, D) against (B, n_kv, 1, T, D)
+        y, c, s, dim = x.unflatten(1, (n_kv, -1)), cos.transpose(1, 2)[:, :, None], sin.transpose(1, 2)[:, :, None], 1
+    else:  # (B, T, n_kv, G, D) against (B, T, n_kv, 1, D)
+        y = x.unflatten(-1, (n_kv, -1, cos.shape[-1])) if layout == "proj" else x.unflatten(2, (n_kv, -1))
+        c, s, dim = cos[:, :, :, None], sin[:, :, :, None], 2
+    out = (y * c) + (lr.rotate_half(y) * s)
+    return out.flatten(2) if layout == "proj" else out.flatten(dim, dim + 1)
 
 
 @torch.no_grad()
-def _score_order(attn, hidden, pe, mask, n_kv: int, alpha: float, rope: bool) -> torch.Tensor:
+def _score_order(attn, hidden, pe, mask, n_kv: int, alpha: float, rope: bool, norm: bool = False) -> torch.Tensor:
     """(B, n_kv) KV heads by decreasing awareness, per example. Query head h: |{j : w_hj > alpha / n}| / n over
-    the n keys of the last real token's causal row w (float32; no sliding window); a KV head: its query heads' mean,
-    ranked by the integer count summed over the group (same order; ties stay exact, lower index first)."""
+    the n keys of the last real token's causal row w (float32), as the layer attends: within its sliding window if
+    it has one, after q_norm/k_norm if `norm` (no logit soft-capping); a KV head: its query heads' mean, ranked by
+    the integer count summed over the group (same order; ties stay exact, lower index first)."""
     B, T, _ = hidden.shape
     cos, sin = (t.expand(B, -1, -1) for t in pe)  # (B, T, D), the model's own RoPE at the original positions
     D, dev = cos.shape[-1], hidden.device
@@ -75,8 +92,13 @@ def _score_order(attn, hidden, pe, mask, n_kv: int, alpha: float, rope: bool) ->
     ar, b = torch.arange(T, device=dev), torch.arange(B, device=dev)
     last = torch.where(valid, ar, -1).amax(-1).clamp(min=0)  # last real token (left or right padding)
     keys = valid & (ar <= last[:, None])  # causal row of that token, padding excluded
+    window = getattr(attn, "sliding_window", getattr(getattr(attn, "config", None), "sliding_window", None))
+    if window:  # transformers' sliding_window_overlay: key j is seen from query i when j > i - window
+        keys &= ar > last[:, None] - window
     q = attn.q_proj(hidden[b, last][:, None]).view(B, n_kv, -1, D)  # only the last query row is needed
     k = attn.k_proj(hidden).view(B, T, n_kv, D)
+    if norm:  # per-head RMSNorm over D (checked by _probe): the layout it runs on does not change its values
+        q, k = attn.q_norm(q), attn.k_norm(k)
     if rope:  # as the model rotates them, in its dtype
         q = q * cos[b, last][:, None, None] + lr.rotate_half(q) * sin[b, last][:, None, None]
         k = k * cos[:, :, None] + lr.rotate_half(k) * sin[:, :, None]
@@ -98,9 +120,10 @@ class MsPoEHandle:
     layers: list  # indices of the patched layers
     n_kv_heads: int
     score_rope: bool = True
+    layout: str = "proj"  # where the hooks rotate, see _rotate: "proj" at q_proj/k_proj, else at q_norm/k_norm
     head_order: dict = dataclasses.field(default_factory=dict)
     _hooks: list = dataclasses.field(default_factory=list, repr=False)
-    _pass: dict = dataclasses.field(default_factory=dict, repr=False)  # this forward pass: positions, cos/sin
+    _pass: dict = dataclasses.field(default_factory=dict, repr=False)  # this pass: its rotary calls, cos/sin
     _cur: dict = dataclasses.field(default_factory=dict, repr=False)  # layer -> its (cos, sin) while it runs
 
     def remove(self) -> None:
@@ -123,30 +146,35 @@ class MsPoEHandle:
         self._pass.update(prefill=cache is None or cache.get_seq_length() == 0, mask=a.get("attention_mask"))
 
     def _on_rotary(self, rotary, args, kwargs, out):
+        """Records one rotary call: Gemma 3's module is called once per layer type, each with its own RoPE."""
         a = inspect.signature(rotary.forward).bind(*args, **kwargs).arguments
-        self._pass.update(out=out, pos=a["position_ids"], dtype=a["x"].dtype, inv_freq=rotary.inv_freq,
-                          scaling=rotary.attention_scaling)  # inv_freq after any dynamic update
+        inv_freq, scaling = lr._rotary_params(rotary, a.get("layer_type"))  # after any dynamic update
+        self._pass.setdefault("ropes", []).append(dict(out=out, pos=a["position_ids"], dtype=a["x"].dtype,
+                                                       inv_freq=inv_freq, scaling=scaling))
 
-    def _cos_sin(self):
-        """cos, sin (B or 1, T, n_kv, D): rank i's RoPE at m / ratios[i], once per pass."""
-        p = self._pass
-        if "cos" not in p:
-            by_r = {r: lr.rope_cos_sin(p["pos"], p["inv_freq"], r, p["scaling"]) for r in set(self.ratios)}
-            p["cos"], p["sin"] = (torch.stack([by_r[r][j] for r in self.ratios], dim=-2).to(p["dtype"]) for j in (0, 1))
-            p["identity"] = (torch.ones_like(p["out"][0]), torch.zeros_like(p["out"][1]))
-        return p["cos"], p["sin"]
+    def _cos_sin(self, rope: dict):
+        """cos, sin (B or 1, T, n_kv, D): rank i's RoPE at m / ratios[i] with this rotary call's (layer type's)
+        inv_freq and attention_scaling, once per pass and call; and the identity (cos = 1, sin = 0)."""
+        if "cos" not in rope:
+            by_r = {r: lr.rope_cos_sin(rope["pos"], rope["inv_freq"], r, rope["scaling"]) for r in set(self.ratios)}
+            rope["cos"], rope["sin"] = (torch.stack([by_r[r][j] for r in self.ratios], dim=-2).to(rope["dtype"])
+                                        for j in (0, 1))
+            rope["identity"] = (torch.ones_like(rope["out"][0]), torch.zeros_like(rope["out"][1]))
+        return rope["cos"], rope["sin"], rope["identity"]
 
     def _on_attn(self, i, attn, args, kwargs):
         p, pe = self._pass, kwargs.get("position_embeddings")
-        if pe is None or "out" not in p or pe[0] is not p["out"][0]:
+        rope = next((r for r in p.get("ropes", ()) if pe is not None and pe[0] is r["out"][0]), None)
+        if rope is None:  # identity tells the layer types apart, as in layer_rope.scale_layer_positions
             raise RuntimeError(f"layer {i}: attention did not receive this pass's rotary output as position_embeddings "
                                "(another position patch, e.g. layer_rope, in the way?); Ms-PoE cannot rescale it")
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         B, n_kv = hidden.shape[0], self.n_kv_heads
         if p["prefill"]:
-            self.head_order[i] = (_score_order(attn, hidden, pe, p["mask"], n_kv, self.alpha, self.score_rope)
+            self.head_order[i] = (_score_order(attn, hidden, pe, p["mask"], n_kv, self.alpha, self.score_rope,
+                                               self.layout != "proj")
                                   if self.order == "score" else torch.arange(n_kv, device=hidden.device).expand(B, -1))
-        cos, sin = self._cos_sin()
+        cos, sin, identity = self._cos_sin(rope)
         if self.order == "score":
             order = self.head_order.get(i)
             if order is None or order.shape[0] != B:
@@ -155,70 +183,113 @@ class MsPoEHandle:
             rank = torch.argsort(order, dim=-1)  # rank of each KV head: the inverse permutation
             idx = rank[:, None, :, None].expand(B, cos.shape[1], -1, cos.shape[-1])
             cos, sin = cos.expand(B, -1, -1, -1).gather(2, idx), sin.expand(B, -1, -1, -1).gather(2, idx)
-        self._cur[i] = (cos.unsqueeze(-2), sin.unsqueeze(-2))
-        return args, dict(kwargs, position_embeddings=p["identity"])
+        self._cur[i] = (cos, sin)
+        return args, dict(kwargs, position_embeddings=identity)
 
     def _done(self, i, *_) -> None:
         self._cur.pop(i, None)  # free this layer's cos/sin; returns None (non-None would replace the output)
 
     def _on_proj(self, i, proj, inp, out):
-        cs = self._cur.get(i)  # None while _score_order calls the projection
-        return None if cs is None else _rotate(out, *cs, self.n_kv_heads)
+        cs = self._cur.get(i)  # None while _score_order calls the projection or norm
+        return None if cs is None else _rotate(out, *cs, self.n_kv_heads, self.layout)
 
 
-def _check_rotary(rotary) -> None:
-    """Refuse a rotary module whose cos/sin the standard formula (layer_rope.rope_cos_sin) does not give exactly."""
-    ok = (isinstance(getattr(rotary, "inv_freq", None), torch.Tensor) and hasattr(rotary, "attention_scaling")
-          and not isinstance(getattr(rotary, "rope_type", None), dict))  # a dict: one RoPE per layer type
-    if ok:
-        dev = rotary.inv_freq.device
-        x, pos = torch.zeros(1, 1, device=dev), torch.arange(7, device=dev)[None] * 97
-        with torch.no_grad():  # the undecorated forward: the probe must not touch dynamic-RoPE state
-            theirs = inspect.unwrap(type(rotary).forward)(rotary, x, pos)
-            ours = lr.rope_cos_sin(pos, rotary.inv_freq, 1.0, rotary.attention_scaling)
-        ok = isinstance(theirs, tuple) and len(theirs) == 2 and all(map(torch.equal, theirs, ours))
-    if not ok:
-        raise TypeError(f"{type(rotary).__name__} is not one standard rotary module or computes cos/sin differently "
-                        "from the standard RoPE formula; Ms-PoE here cannot rescale it exactly")
+def _layer_types(decoder, rotary, n: int) -> list:
+    """Each layer's key into a rotary module holding one RoPE per layer type (rope_type a dict, as Gemma 3's):
+    config.layer_types; [None] * n for one RoPE."""
+    if not isinstance(getattr(rotary, "rope_type", None), dict):
+        return [None] * n
+    types = list(getattr(getattr(decoder, "config", None), "layer_types", None) or ())
+    if len(types) != n or not set(types) <= set(rotary.rope_type):
+        raise TypeError(f"{type(rotary).__name__} holds one RoPE per layer type {sorted(rotary.rope_type)}, but the "
+                        f"config's layer_types {types} do not give one of them to each of the {n} layers")
+    return types
 
 
-def _check_attention(i, layer, rotary) -> tuple:
-    """(attention module, query heads, KV heads) of layer i, or TypeError saying why the hooks cannot be exact."""
+def _check_rotary(rotary, layer_types) -> None:
+    """Refuse a rotary module whose cos/sin the standard formula (layer_rope.rope_cos_sin) does not give exactly,
+    for each layer type in use (None: the module's one RoPE)."""
+    for lt in sorted(set(layer_types), key=str):
+        try:
+            inv_freq, scaling = lr._rotary_params(rotary, lt)
+            ok = isinstance(inv_freq, torch.Tensor)
+            if ok:
+                x, pos = torch.zeros(1, 1, device=inv_freq.device), torch.arange(7, device=inv_freq.device)[None] * 97
+                with torch.no_grad():  # the undecorated forward: the probe must not touch dynamic-RoPE state
+                    raw = inspect.unwrap(type(rotary).forward)
+                    theirs = raw(rotary, x, pos) if lt is None else raw(rotary, x, pos, lt)
+                    ours = lr.rope_cos_sin(pos, inv_freq, 1.0, scaling)
+                ok = isinstance(theirs, tuple) and len(theirs) == 2 and all(map(torch.equal, theirs, ours))
+        except (AttributeError, TypeError):  # no inv_freq/attention_scaling (of that layer type), other signature
+            ok = False
+        if not ok:
+            raise TypeError(f"{type(rotary).__name__} is not a standard rotary module or computes cos/sin differently "
+                            "from the standard RoPE formula" + (f" for layer type {lt!r}" if lt else "") +
+                            "; Ms-PoE here cannot rescale it exactly")
+
+
+def _check_attention(i, layer, inv_freq) -> tuple:
+    """(attention module, query heads, KV heads) of layer i, or TypeError saying why the hooks cannot be exact.
+    inv_freq: the RoPE of the layer's type. A q_norm/k_norm pair is left to _probe, which checks it is per head."""
     attn = getattr(layer, "self_attn", None)
     names = {n for n, _ in attn.named_children()} if attn is not None else set()
     if not {"q_proj", "k_proj"} <= names:
         raise TypeError(f"layer {i}: no self_attn with q_proj/k_proj; Ms-PoE supports Llama-family attention")
-    if names - _ATTN_CHILDREN:
-        raise TypeError(f"layer {i}: {type(attn).__name__} has {sorted(names - _ATTN_CHILDREN)} besides the "
-                        "projections (e.g. q_norm/k_norm between projection and rotary, as in Qwen3/OLMo2); hooks "
-                        "on q_proj/k_proj would rotate before them, so Ms-PoE cannot be reproduced exactly")
+    extra = names - _ATTN_CHILDREN
+    if extra and extra != _NORMS:
+        raise TypeError(f"layer {i}: {type(attn).__name__} has {sorted(extra)} besides the projections (and a "
+                        "q_norm/k_norm pair); hooks on q_proj/k_proj might rotate before them, so Ms-PoE cannot be "
+                        "reproduced exactly")
     D = getattr(attn, "head_dim", 0)
     n_q, n_kv = (getattr(p, "out_features", 0) // max(D, 1) for p in (attn.q_proj, attn.k_proj))
     if "position_embeddings" not in inspect.signature(attn.forward).parameters or not (D and n_kv) or n_q % n_kv:
         raise TypeError(f"layer {i}: {type(attn).__name__} takes no position_embeddings or has no head_dim/heads")
-    if 2 * rotary.inv_freq.numel() != D:
-        raise TypeError(f"layer {i}: partial rotary ({2 * rotary.inv_freq.numel()} of {D} dims) is not supported")
+    if 2 * inv_freq.numel() != D:
+        raise TypeError(f"layer {i}: partial rotary ({2 * inv_freq.numel()} of {D} dims) is not supported")
     return attn, n_q, n_kv
 
 
-def _probe(attn, rotary, n_kv: int) -> None:
-    """Refuse an attention whose output at ratio 1 the hooks (identity position_embeddings, q/k rotated after
-    the projections) do not reproduce on random input: it uses position_embeddings in some other way."""
-    w = attn.q_proj.weight
-    x = torch.randn(1, 6, w.shape[1], generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
-    pos = torch.arange(6, device=w.device)[None] * 13 + 5
-    cos, sin = (t.to(w.dtype) for t in lr.rope_cos_sin(pos, rotary.inv_freq, 1.0, rotary.attention_scaling))
-    c, s = cos[:, :, None, None], sin[:, :, None, None]
+def _probe(attn, inv_freq, attention_scaling, n_q: int, n_kv: int) -> str:
+    """Where the hooks rotate (a _rotate layout), or TypeError. On random input of T = n_q + 2 tokens (more than
+    any head count, so the shapes tell the layouts apart): with q_norm/k_norm their outputs must be per head,
+    (1, T, heads, D) "bthd" (Qwen3) or (1, heads, T, D) "bhtd" (Gemma 3) -- not so, the norm acts on the whole
+    projection (OLMo2) and no hook sits between it and the RoPE; then the hooks (identity position_embeddings, q/k
+    rotated at those modules) at ratio 1 must give the attention's output: else it uses position_embeddings in some
+    other way."""
+    w, D, T = attn.q_proj.weight, attn.head_dim, n_q + 2
+    x = torch.randn(1, T, w.shape[1], generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
+    pos = torch.arange(T, device=w.device)[None] * 13 + 5
+    cos, sin = (t.to(w.dtype) for t in lr.rope_cos_sin(pos, inv_freq, 1.0, attention_scaling))
+    norms = _NORMS <= {n for n, _ in attn.named_children()}
+    mods = (attn.q_norm, attn.k_norm) if norms else (attn.q_proj, attn.k_proj)
+    shapes = {}
     with torch.no_grad():
-        ref = attn(hidden_states=x, position_embeddings=(cos, sin), attention_mask=None)[0]
-        hooks = [m.register_forward_hook(lambda _m, _i, o: _rotate(o, c, s, n_kv)) for m in (attn.q_proj, attn.k_proj)]
+        hooks = [m.register_forward_hook(lambda _m, _i, o, j=j: shapes.__setitem__(j, tuple(o.shape)))
+                 for j, m in enumerate(mods)]
+        try:
+            ref = attn(hidden_states=x, position_embeddings=(cos, sin), attention_mask=None)[0]
+        finally:
+            [h.remove() for h in hooks]
+        layout = "proj"
+        if norms:
+            per_head = [{(1, T, n, D): "bthd", (1, n, T, D): "bhtd"}.get(shapes.get(j))
+                        for j, n in enumerate((n_q, n_kv))]
+            if per_head[0] is None or per_head[0] != per_head[1]:
+                raise TypeError(f"{type(attn).__name__}: q_norm/k_norm output shapes {list(shapes.values())} are not "
+                                "per head (e.g. OLMo2's q_norm acts on the whole projection, before the reshape); "
+                                "hooks on q_proj/k_proj would rotate before them, so Ms-PoE cannot be reproduced "
+                                "exactly")
+            layout = per_head[0]
+        c, s = cos[:, :, None], sin[:, :, None]  # (1, T, 1, D): every KV group at ratio 1
+        hooks = [m.register_forward_hook(lambda _m, _i, o: _rotate(o, c, s, n_kv, layout)) for m in mods]
         try:
             ours = attn(hidden_states=x, position_embeddings=(cos * 0 + 1, sin * 0), attention_mask=None)[0]
         finally:
             [h.remove() for h in hooks]
     if not (ours - ref).abs().max() <= 1e-3 * ref.abs().max():
-        raise TypeError(f"{type(attn).__name__} does not rotate q_proj/k_proj outputs with position_embeddings in "
-                        "the standard way; Ms-PoE here cannot reproduce it")
+        raise TypeError(f"{type(attn).__name__} does not rotate {'q_norm/k_norm' if norms else 'q_proj/k_proj'} "
+                        "outputs with position_embeddings in the standard way; Ms-PoE here cannot reproduce it")
+    return layout
 
 
 def apply_mspoe(model, r_min: float = 1.2, r_max: float = 1.8, order: str = "score", alpha: float = 3.0,
@@ -246,24 +317,29 @@ def apply_mspoe(model, r_min: float = 1.2, r_max: float = 1.8, order: str = "sco
     skip = set(skip_layers)
     if not all(isinstance(l, int) and not isinstance(l, bool) and 0 <= l < len(layers) for l in skip):
         raise ValueError(f"skip_layers must be layer indices in [0, {len(layers)}), got {skip_layers!r}")
-    _check_rotary(rotary)
-    infos = [_check_attention(i, layer, rotary) for i, layer in enumerate(layers)]
+    types = _layer_types(decoder, rotary, len(layers))
+    _check_rotary(rotary, types)
+    params = {lt: lr._rotary_params(rotary, lt) for lt in set(types)}  # (inv_freq, attention_scaling)
+    infos = [_check_attention(i, layer, params[types[i]][0]) for i, layer in enumerate(layers)]
     n_kv, patched = infos[0][2], [i for i in range(len(layers)) if i not in skip]
     if len({info[2] for info in infos}) != 1:
         raise TypeError("layers differ in their number of KV heads; not supported")
-    if patched:
-        _probe(infos[patched[0]][0], rotary, n_kv)
+    # one patched layer of each layer type (its own RoPE, sliding window or not) tries the hooks
+    probed = {types[i]: i for i in patched}.values()
+    layouts = {_probe(infos[i][0], *params[types[i]], infos[i][1], n_kv) for i in probed}
+    if len(layouts) > 1:
+        raise TypeError(f"layers differ in where q and k are rotated ({sorted(layouts)}); not supported")
     handle = MsPoEHandle(model, mspoe_ratios(n_kv, float(r_min), float(r_max)), order, float(alpha), patched, n_kv,
-                         bool(score_rope))
+                         bool(score_rope), layouts.pop() if layouts else "proj")
     hk, at = handle._hooks, functools.partial
     hk += [decoder.register_forward_pre_hook(handle._on_decoder, with_kwargs=True), decoder.register_forward_hook(
         handle._reset), rotary.register_forward_hook(handle._on_rotary, with_kwargs=True)]
     for i in patched:
         attn = infos[i][0]
+        qk = (attn.q_proj, attn.k_proj) if handle.layout == "proj" else (attn.q_norm, attn.k_norm)
         hk += [attn.register_forward_pre_hook(at(handle._on_attn, i), with_kwargs=True),
-               attn.register_forward_hook(at(handle._done, i)),
-               attn.q_proj.register_forward_hook(at(handle._on_proj, i)),
-               attn.k_proj.register_forward_hook(at(handle._on_proj, i))]
+               attn.register_forward_hook(at(handle._done, i))] + [m.register_forward_hook(at(handle._on_proj, i))
+                                                                   for m in qk]
     model._mspoe_handle = handle
     return handle
 

@@ -1,6 +1,7 @@
 """Ms-PoE baseline (baselines.py) on tiny random-weight models: exactness against transformers' own RoPE, an
 independent float64 oracle of one attention layer and of the head score, GQA's relative-position property,
-padded batches, KV-cached generation, refusals, and one forward of the embedded SmolLM2-135M.
+padded batches, KV-cached generation, per-head q_norm/k_norm (Qwen3, Gemma 3: both layer types), refusals, and one
+forward of the embedded SmolLM2-135M. The real Gemma 3 270M: tests/test_gemma3.py.
 """
 
 import math
@@ -53,15 +54,64 @@ def oracle_attention(attn, x, pos, rq, rk, theta):
     return proj64(attn.o_proj, (w @ v).transpose(1, 2).reshape(B, T, -1))
 
 
-def oracle_order(attn, x, pos, alpha, theta, rope=True):
-    """(B, Hkv) KV heads by decreasing mean outlier share of the last row, float64, stable on ties."""
+def oracle_order(attn, x, pos, alpha, theta, rope=True, window=None):
+    """(B, Hkv) KV heads by decreasing mean outlier share of the last row, float64, stable on ties. With q_norm/k_norm
+    (applied by the module's own norms), the module's scaling (Gemma 3: query_pre_attn_scalar ** -0.5), and with
+    `window` over the last `window` keys only."""
     q, k, _ = heads(attn, x)
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
     if rope:
         q, k = rope64(q, pos, [1.0] * q.shape[1], theta), rope64(k, pos, [1.0] * k.shape[1], theta)
     G, T = q.shape[1] // k.shape[1], x.shape[1]
-    w = ((q[:, :, -1:] @ k.repeat_interleave(G, 1).transpose(-1, -2)) / math.sqrt(q.shape[-1])).softmax(-1)
-    counts = (w[:, :, 0] > alpha / T).sum(-1)  # (B, Hq) outliers; exact integers, so ties are exact
-    return counts.view(counts.shape[0], -1, G).sum(-1).argsort(dim=-1, descending=True, stable=True), counts / T
+    n = min(T, window or T)
+    logits = (q[:, :, -1:] @ k.repeat_interleave(G, 1).transpose(-1, -2)) * attn.scaling
+    w = logits.masked_fill(torch.arange(T) < T - n, float("-inf")).softmax(-1)
+    counts = (w[:, :, 0] > alpha / n).sum(-1)  # (B, Hq) outliers; exact integers, so ties are exact
+    return counts.view(counts.shape[0], -1, G).sum(-1).argsort(dim=-1, descending=True, stable=True), counts / n
+
+
+def theta_of(model, i):
+    """rope_theta of layer i's RoPE: per layer type where rope_parameters has one per type (Gemma 3)."""
+    rp = model.config.rope_parameters
+    return rp["rope_theta"] if "rope_theta" in rp else rp[model.config.layer_types[i]]["rope_theta"]
+
+
+def pe64(pos, theta, D, r):
+    """cos, sin (B, T, D) of the default RoPE at positions pos / r: angles in float64, then float32."""
+    ang = (pos.double() / r)[..., None] * theta ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
+    ang = torch.cat([ang, ang], dim=-1)
+    return ang.cos().float(), ang.sin().float()
+
+
+def capture_call(attn):
+    """Hooks recording the keyword arguments attn is called with and its o_proj input (the heads' outputs before
+    o_proj mixes them): (store, remove). Registered before the patch, they see the unpatched arguments."""
+    store = {}
+    hs = [attn.register_forward_pre_hook(lambda m, a, k: store.__setitem__("kw", k), with_kwargs=True),
+          attn.o_proj.register_forward_pre_hook(lambda m, a: store.__setitem__("z", a[0]))]
+    return store, lambda: [h.remove() for h in hs]
+
+
+def oracle_by_ratio(attn, kw, pos, theta, ratios):
+    """ratios[b][g]: KV group g's ratio in example b. Oracle o_proj input (B, T, H*D): the unpatched attention,
+    called with kw and position_embeddings at pos / r (pe64), gives the heads of the groups at ratio r."""
+    z, outs = {}, {}
+    h = attn.o_proj.register_forward_pre_hook(lambda m, a: z.__setitem__("z", a[0]))
+    try:
+        for r in {r for rs in ratios for r in rs}:
+            with torch.no_grad():
+                attn(**dict(kw, position_embeddings=pe64(pos, theta, attn.head_dim, r)))
+            outs[r] = z["z"].unflatten(-1, (len(ratios[0]), -1))  # (B, T, n_kv, G*D): head j in group j // G
+    finally:
+        h.remove()
+    return torch.stack([torch.stack([outs[r][b, :, g] for g, r in enumerate(rs)], 1)
+                        for b, rs in enumerate(ratios)]).flatten(2)
+
+
+def group_ratios(h, i):
+    """ratios[b][g] of layer i from the handle: KV group g has rank argsort(head_order)[g]."""
+    return [[h.ratios[k] for k in torch.argsort(o).tolist()] for o in h.head_order[i]]
 
 
 def capture(attn):
@@ -85,9 +135,10 @@ def test_ratio_one_is_the_unpatched_model_bitwise(attn, order):
         assert h.ratios == [1.0, 1.0] and sorted(h.head_order) == [i for i in range(3) if i not in skip]
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"])
 @pytest.mark.parametrize("attn", ATTNS)
 def test_uniform_ratio_is_transformers_linear_rope_bitwise(family, attn):
+    """qwen3, gemma3_text: rotated after their per-head q_norm/k_norm; gemma3_text on both of its RoPEs."""
     model, x = tiny(family, attn), ids(2, 12)
     for r in [1.5, 3.0]:
         linear = same_weights(model, with_linear_rope(model.config, r), attn)
@@ -167,6 +218,32 @@ def test_one_layer_equals_hand_built_oracle(attn, order):
         assert any(not torch.equal(o, torch.arange(4)) for o in h.head_order[1])  # a non-trivial ranking was tested
 
 
+@pytest.mark.parametrize("family, layout", [("qwen3", "bthd"), ("gemma3_text", "bhtd")])
+@pytest.mark.parametrize("order", bl.ORDERS)
+def test_per_head_norms_one_layer_per_layer_type_equals_oracle(family, layout, order):
+    """8 query heads in 4 KV groups, q_norm/k_norm per head (Qwen3 before the transpose, Gemma 3 after it):
+    the heads of layers 1 and 2 (gemma3_text: full attention, theta 1e6, and sliding, 1e4) equal the unpatched
+    attention run with each group's ratio (float64 angles from the layer type's own theta)."""
+    extra = dict(query_pre_attn_scalar=4) if family == "gemma3_text" else {}  # 256: near-uniform rows, no outliers
+    model = tiny(family, "eager", num_attention_heads=8, num_key_value_heads=4, **extra)
+    x, pos = ids(3, 18, seed=5), torch.arange(18)[None]
+    stores = {i: capture_call(model.model.layers[i].self_attn) for i in (1, 2)}
+    with bl.mspoe(model, order=order, skip_layers=(0,), alpha=2.0) as h:
+        logits(model, x, use_cache=False)
+    [unhook() for _, unhook in stores.values()]
+    assert h.layout == layout and h.ratios == pytest.approx([1.2, 1.35, 1.5, 1.65])
+    for i, (store, _) in stores.items():
+        attn, theta = model.model.layers[i].self_attn, theta_of(model, i)
+        want = oracle_by_ratio(attn, store["kw"], pos, theta, group_ratios(h, i))
+        assert maxdiff(store["z"], want) < 1e-5, (i, maxdiff(store["z"], want))
+        other = oracle_by_ratio(attn, store["kw"], pos, 1e6 if theta != 1e6 else 1e4, group_ratios(h, i))
+        assert maxdiff(store["z"], other) > 1e-3  # the layer type's theta matters here
+    if family == "gemma3_text":
+        assert theta_of(model, 1) == 1e6 and theta_of(model, 2) == 1e4
+    if order == "score":
+        assert any(not torch.equal(o, torch.arange(4)) for i in (1, 2) for o in h.head_order[i])
+
+
 @pytest.mark.parametrize("score_rope", [True, False])
 def test_score_order_equals_float64_oracle(score_rope):
     """The first patched layer (its input is the unpatched model's): ranking by the mean outlier share of each
@@ -180,6 +257,25 @@ def test_score_order_equals_float64_oracle(score_rope):
     want, share = oracle_order(attn, store["x"], pos, 2.0, theta, score_rope)
     assert share.std() > 0.02  # the shares differ between heads: the test is informative
     with bl.mspoe(model, alpha=2.0, score_rope=score_rope) as h:
+        logits(model, x)
+    assert torch.equal(h.head_order[2], want), (h.head_order[2], want)
+    assert len({tuple(o.tolist()) for o in want}) > 1  # examples ranked differently
+
+
+def test_score_order_sees_per_head_norms_and_the_sliding_window():
+    """Gemma 3 (q_norm/k_norm, query_pre_attn_scalar), window 6 on 24 tokens: the first patched layer, a sliding
+    one, ranks its groups as the float64 oracle over the last 6 keys; the window changes some ranking."""
+    model = tiny("gemma3_text", "eager", num_attention_heads=8, num_key_value_heads=4, sliding_window=6,
+                 query_pre_attn_scalar=4)  # scaling 1/2, not head_dim ** -0.5; 256 (default): no outliers at all
+    x = ids(4, 24, seed=7)
+    store, unhook = capture(model.model.layers[2].self_attn)
+    logits(model, x)
+    unhook()
+    attn, pos = model.model.layers[2].self_attn, torch.arange(24)[None]
+    assert attn.sliding_window == 6 and attn.scaling != attn.head_dim ** -0.5
+    want, _ = oracle_order(attn, store["x"], pos, 2.0, theta_of(model, 2), window=6)
+    assert not torch.equal(want, oracle_order(attn, store["x"], pos, 2.0, theta_of(model, 2))[0])
+    with bl.mspoe(model, alpha=2.0) as h:
         logits(model, x)
     assert torch.equal(h.head_order[2], want), (h.head_order[2], want)
     assert len({tuple(o.tolist()) for o in want}) > 1  # examples ranked differently
@@ -243,7 +339,7 @@ def test_generate_score_order_is_kept_from_prefill():
 
 # -- 7: refusals -----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family, words", [("qwen3", "q_norm"), ("olmo2", "q_norm"), ("phi3", "q_proj/k_proj"),
+@pytest.mark.parametrize("family, words", [("olmo2", "q_norm"), ("olmo3", "q_norm"), ("phi3", "q_proj/k_proj"),
                                            ("cohere", "cos/sin differently"), ("gpt2", "no decoder stack")])
 def test_refuses_models_it_cannot_do_exactly(family, words):
     model = tiny(family)

