@@ -233,8 +233,9 @@ def check_disjoint(search: Sequence[KVExample], heldout: Sequence[KVExample]) ->
 # format holds, so a model listed in ANSWER_ALTERNATIVES gets its prefix per prompt: the candidate
 # (ANSWER_PREFIX first, then its alternatives) whose gold starts with the model's own argmax after the
 # prompt -- greedy decoding's first token, so scorer and `generate` agree by construction. Every model not
-# listed (SmolLM2 included) has ANSWER_PREFIX alone and is scored exactly as before, one pass per prompt;
-# a prompt that takes an alternative costs a second pass (Gemma's generated JSON prompts: all of them).
+# listed (SmolLM2 included) has ANSWER_PREFIX alone and is scored exactly as before, one pass per prompt.
+# A listed model's first pass tries the prefix the prompt suggests (_lead_prefix: ' "' where the value is
+# written in quotes); a prompt whose argmax says otherwise costs a second pass.
 ANSWER_PREFIX = " "
 ANSWER_ALTERNATIVES = {"gemma3_text": (' "',)}  # config.model_type -> prefixes besides ANSWER_PREFIX
 
@@ -300,9 +301,10 @@ def score_kv(model, tok, examples: Sequence[KVExample], chat: bool = False, batc
 
     The model reads prompt + gold[:-1], prompt = prompt_ids (with the tokenizer's BOS where it adds one),
     gold = tokens(prefix + value) with prefix = ANSWER_PREFIX (' 1234'); the logits at the last len(gold)
-    positions predict the gold tokens. A model with ANSWER_ALTERNATIVES (Gemma 3: ' "1234') is scored again
-    on each prompt whose argmax after the prompt is not the gold's first token but an alternative gold's:
-    then with that gold (see ANSWER_PREFIX). The model's own forward computes logits only at the gold
+    positions predict the gold tokens. A model with ANSWER_ALTERNATIVES (Gemma 3: ' "1234') is scored with
+    the gold whose first token is the argmax after the prompt (the one greedy decoding starts with; none of
+    them: ANSWER_PREFIX's). The first pass uses each prompt's likely prefix (_lead_prefix); a prompt whose
+    argmax says otherwise is scored again with the right gold. The model's own forward computes logits only at the gold
     positions (`logits_to_keep`), so any final soft-capping or logit scaling of the family is applied.
     Prompts are sorted by length and left-padded in batches on the model's device; position_ids count real
     tokens, so a batched score equals the unbatched one up to float rounding.
@@ -310,19 +312,28 @@ def score_kv(model, tok, examples: Sequence[KVExample], chat: bool = False, batc
     check_int("batch_size", batch_size, 1)
     prompts = [prompt_ids(tok, ex, chat) for ex in examples]
     prefixes = answer_prefixes(model)
-    golds = [encode(tok, prefixes[0] + ex.value) for ex in examples]
-    out, first = _teacher_forced(model, tok, prompts, golds, batch_size)
-    again = {}  # example -> its gold with the alternative prefix greedy decoding starts with
+    leads = [_lead_prefix(prefixes, ex) for ex in examples]
+    out, first = _teacher_forced(model, tok, prompts, [encode(tok, p + ex.value) for p, ex in zip(leads, examples)],
+                                 batch_size)
+    again = {}  # example -> its gold with the prefix greedy decoding starts with, where that is not its lead's
     for i, ex in enumerate(examples):
-        if first[i] != golds[i][0]:
-            starts = {g[0]: g for g in (encode(tok, p + ex.value) for p in prefixes[1:])}
-            if first[i] in starts:
-                again[i] = starts[first[i]]
+        golds = {p: encode(tok, p + ex.value) for p in prefixes}
+        starts = {golds[p][0]: p for p in reversed(prefixes)}  # a first token two prefixes share: the earlier's
+        chosen = starts.get(first[i], ANSWER_PREFIX)  # greedy starts with none of them: the plain gold, wrong
+        if chosen != leads[i]:
+            again[i] = golds[chosen]
     if again:
         rescored, _ = _teacher_forced(model, tok, [prompts[i] for i in again], list(again.values()), batch_size)
         for i, score in zip(again, rescored):
             out[i] = score
     return out
+
+
+def _lead_prefix(prefixes: tuple, ex: KVExample) -> str:
+    """The answer prefix scored first: an alternative whose text precedes the value in the prompt, as models
+    copy a value as it is written (Gemma 3 answers the JSON prompt, '"1234"', with ' "'), else ANSWER_PREFIX.
+    Only the cost depends on it (a second pass where greedy decoding starts otherwise), not the score."""
+    return next((p for p in prefixes[1:] if p.strip() + ex.value in ex.prompt), ANSWER_PREFIX)
 
 
 def _teacher_forced(model, tok, prompts: list, golds: list, batch_size: int) -> tuple[list, list]:

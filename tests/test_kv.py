@@ -170,6 +170,29 @@ def test_answer_prefixes_by_model_type():
     assert kv.answer_prefixes(model("llama")) == kv.answer_prefixes(model("gemma2")) == (" ",)
 
 
+def test_the_prefix_tried_first_changes_the_cost_not_the_score(model, monkeypatch):
+    """With an alternative answer prefix, each prompt is scored with the gold whose first token is its argmax
+    (ANSWER_PREFIX's if none) -- the oracle below, one prompt at a time, plain gold first -- whichever prefix
+    the first pass tries (_lead_prefix: ' "' where the prompt writes the value in quotes); a second pass only
+    where the argmax is not the lead's."""
+    m, tok = model
+    monkeypatch.setitem(kv.ANSWER_ALTERNATIVES, m.config.model_type, (' "',))
+    examples = kv.make_kv_examples(3, num_pairs=6, gold_index=2, seed=5) + kv.make_kv_examples(
+        3, num_pairs=3, gold_index=1, seed=5, filler=1)
+    assert [kv._lead_prefix(kv.answer_prefixes(m), ex) for ex in examples] == [' "'] * 3 + [" "] * 3
+    passes, real = [], kv._teacher_forced
+    monkeypatch.setattr(kv, "_teacher_forced", lambda *a: passes.append(len(a[2])) or real(*a))
+    scores = kv.score_kv(m, tok, examples, batch_size=4)
+    for ex, got in zip(examples, scores):
+        ids = kv.prompt_ids(tok, ex)
+        golds = [kv.encode(tok, p + ex.value) for p in (" ", ' "')]
+        (plain,), (first,) = real(m, tok, [ids], golds[:1], 1)
+        want = real(m, tok, [ids], golds[1:], 1)[0][0] if first != golds[0][0] and first == golds[1][0] else plain
+        assert got.correct == want.correct and got.n_tokens == want.n_tokens
+        assert got.logprob == pytest.approx(want.logprob, abs=1e-4)
+    assert passes[0] == len(examples) and sum(passes[1:]) <= len(examples)
+
+
 def test_teacher_forced_agrees_with_greedy_generate(model, sample):
     m, tok = model
     scores = kv.score_kv(m, tok, sample, batch_size=6)
