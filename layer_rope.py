@@ -493,20 +493,10 @@ class GAConfig:
             raise ValueError(f"curve must be one of {sorted(CURVES)}, got {self.curve!r}")
         if self.elite >= self.population or not (0 <= self.crossover_rate <= 1 and 0 <= self.mutation_rate <= 1):
             raise ValueError("need elite < population and crossover_rate, mutation_rate in [0, 1]")
-        for layer in self.freeze:
-            if check_int("freeze layer", layer) not in range(self.num_layers):
-                raise ValueError(f"freeze: {layer!r} is not a layer index in 0 .. {self.num_layers - 1}")
-        if len(set(self.freeze)) != len(self.freeze):
-            raise ValueError(f"freeze lists a layer twice: {list(self.freeze)}")
-        object.__setattr__(self, "freeze", tuple(sorted(int(layer) for layer in self.freeze)))
-        for layer in self.layers:
-            if check_int("searched layer", layer) not in range(self.num_layers):
-                raise ValueError(f"layers: {layer!r} is not a layer index in 0 .. {self.num_layers - 1}")
-        if len(set(self.layers)) != len(self.layers):
-            raise ValueError(f"layers lists a layer twice: {list(self.layers)}")
+        for name in ("freeze", "layers"):
+            object.__setattr__(self, name, _layer_indices(name, getattr(self, name), self.num_layers))
         if self.layers and self.freeze:
             raise ValueError("layers and freeze exclude each other: with layers, every layer not listed is at 1.0")
-        object.__setattr__(self, "layers", tuple(sorted(int(layer) for layer in self.layers)))
 
     @property
     def grid(self) -> list[float]:
@@ -528,6 +518,16 @@ class GAConfig:
         if not self.layers:  # written only when set, so checkpoints from before the option still resume
             del doc["layers"]
         return doc
+
+
+def _layer_indices(name: str, layers, num_layers: int) -> tuple:
+    """layers as a sorted tuple of distinct layer indices, or an error naming the bad one."""
+    for layer in layers:
+        if check_int(f"{name} layer", layer) not in range(num_layers):
+            raise ValueError(f"{name}: {layer!r} is not a layer index in 0 .. {num_layers - 1}")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"{name} lists a layer twice: {list(layers)}")
+    return tuple(sorted(int(layer) for layer in layers))
 
 
 def check_individual(ind, config: GAConfig) -> tuple:
