@@ -713,7 +713,10 @@ def plot_kv(path: str, rows: dict, factor_sets: dict, title: str) -> None:
     for name, f in factor_sets.items():
         right.plot(range(len(f)), f, marker=".", label=name)
     right.set(xlabel="decoder layer", ylabel="RoPE position factor", title="factors")
-    right.legend(fontsize=8)
+    if factor_sets:
+        right.legend(fontsize=8)
+    else:  # rows scored before any search finished
+        right.text(0.5, 0.5, "no searched factors yet", ha="center", va="center", transform=right.transAxes)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
