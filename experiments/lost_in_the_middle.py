@@ -90,14 +90,16 @@ TASKS = {  # search/held-out prompts per gold position, GA population x generati
 # accuracy is the original JSON prompt at 75 generated pairs (~780 tokens): the issue's fallback cell. No layer
 # is frozen: its x2 sensitivity scan there (results/gemma3-270m/sensitivity-x2.json) flags none. Besides the
 # paper's curve, the 3 global layers' own factors (a 3-gene search, 1.0-4.0 step 0.25: their RoPE base is 1e6,
-# so x2 barely moves them). float32 throughout; rows scored and checkpointed 50 prompts at a time.
+# so x2 barely moves them): 13^3 points, so a smaller GA, 8 x 6 (38 evaluations, ~1.5 h on 2 cores, against
+# the curve's 12 x 9). float32 throughout; rows scored and checkpointed 50 prompts at a time.
 TASKS["gemma"] = dict(model="gemma3-270m", pairs=75, filler=0, search=10, heldout=50, population=12, generations=9,
                       search_dtype="float32", batch_size=10, chunk=50, out=os.path.join("gemma3-270m", "lim-json75"),
                       baselines=("uniform", "Ms-PoE (score order)", "query-aware prompt", "hidden-state scaling"),
                       runs={"ga-middle-seed0": ["--weights", "middle", "--seed", "0", "--race", "--freeze", "none"],
                             "global-middle-seed0": ["--weights", "middle", "--seed", "0", "--race",
                                                     "--search-layers", "5,11,17", "--factor-max", "4",
-                                                    "--factor-step", "0.25"]})
+                                                    "--factor-step", "0.25", "--population", "8",
+                                                    "--generations", "6"]})
 # issue 25 on a GPU (experiments/gpu_run.sh): the edge task at 4x the prompts and a 20 x 10 GA
 TASKS["edge-gpu"] = dict(TASKS["edge"], search=20, heldout=100, population=20, generations=10, batch_size=25,
                          chunk=None, runs={k: v for k, v in TASKS["edge"]["runs"].items() if k != "ga-logprob-seed0"})
