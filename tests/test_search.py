@@ -124,7 +124,8 @@ def _experiment():
 @pytest.mark.parametrize("task", sorted(_experiment().TASKS))
 def test_every_experiment_run_is_a_valid_search_command(task):
     """Each GA run of each task of experiments/lost_in_the_middle.py parses as `kv_retrieval.py search` and
-    gives a valid GA config for its model (SmolLM2: 30 layers, Gemma 3 270M: 18), so no typo waits hours."""
+    gives a valid GA config for its model (SmolLM2: 30 layers, Gemma 3 270M: 18) of the size it asks for,
+    so no typo waits hours."""
     import argparse
 
     lim = _experiment()
@@ -137,7 +138,10 @@ def test_every_experiment_run_is_a_valid_search_command(task):
         assert args.pairs == spec.get("pairs", 20) and args.heldout_samples == 0
         freeze = args.freeze if isinstance(args.freeze, list) else []
         cfg = kv._ga_config(args, layers, freeze)
-        assert (cfg.population, cfg.generations) == (spec["population"], spec["generations"]), name
+        # the task's GA size, unless the run's own flags (last on the line, so they win) set another
+        own = {f: int(flags[i + 1]) for i, f in enumerate(flags) if f in ("--population", "--generations")}
+        want = (own.get("--population", spec["population"]), own.get("--generations", spec["generations"]))
+        assert (cfg.population, cfg.generations) == want, name
     assert os.path.dirname(lim.default_out(task)).startswith(os.path.join(ROOT, "results"))
 
 
