@@ -101,7 +101,8 @@ TASKS["gemma"] = dict(model="gemma3-270m", pairs=75, filler=0, search=10, heldou
                                                     "--search-layers", "5,11,17", "--factor-max", "4",
                                                     "--factor-step", "0.25", "--population", "8",
                                                     "--generations", "6"]})
-# issue 25 on a GPU (experiments/gpu_run.sh): the edge task at 4x the prompts and a 20 x 10 GA
+# issue 25 on a longer GPU lease (EDGE_TASK=edge-gpu for experiments/gpu_run.sh): the edge task at 4x the
+# prompts, a 20 x 10 GA, two search spaces; ~50 min of an H200 at the speeds the edge task measured there
 TASKS["edge-gpu"] = dict(TASKS["edge"], search=20, heldout=100, population=20, generations=10, batch_size=25,
                          chunk=None, runs={k: v for k, v in TASKS["edge"]["runs"].items() if k != "ga-logprob-seed0"})
 UNIFORM = [1.05, 1.1, 1.25, 1.5, 2.0]  # a task's default `uniform` candidates
