@@ -145,6 +145,22 @@ def test_every_experiment_run_is_a_valid_search_command(task):
     assert os.path.dirname(lim.default_out(task)).startswith(os.path.join(ROOT, "results"))
 
 
+@pytest.mark.parametrize("task", ["edge", "edge-gpu"])
+def test_edge_task_prompts_stay_inside_the_trained_context(task, tok):
+    """Issue 25's task sits near SmolLM2's trained 8,192 tokens but inside it: every search and held-out prompt,
+    plain and query-aware, with its answer, is under 8,192 tokens and above 6,500 (all alike: the same pairs and
+    filler count, only words and values differ)."""
+    import dataclasses
+
+    spec = _experiment().TASKS[task]
+    for seed, n in ((1, spec["search"]), (2, spec["heldout"])):
+        for ex in kv.kv_sets(20, 5, n, seed, filler=spec["filler"])[::n]:  # one prompt per gold position
+            for qa in (False, True):
+                q = dataclasses.replace(ex, query_aware=qa)
+                length = len(kv.prompt_ids(tok, q)) + len(kv.encode(tok, q.value))
+                assert 6500 < length < 8192, (seed, ex.gold_index, qa, length)
+
+
 def test_experiment_row_resumes_a_killed_chunked_row(tok, prompts, tmp_path, monkeypatch):
     """experiments/lost_in_the_middle.py: a row scored `chunk` prompts at a time and killed half way goes on
     from its partial file, and ends as the row scored in one go (prompts of one length: batches alike)."""
