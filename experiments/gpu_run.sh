@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issues 13, 14 and 25 in one call each on one H100/H200 (device tool: <= 10 minutes), every step
+# The GPU checks of issues 13, 14 and 25 on one H100/H200 (a device call runs <= 10 minutes), every step
 # time-boxed so that a slow one cannot eat the others, everything packed into OUT/gpu-run.tgz at the end:
 #
 #   bash experiments/gpu_run.sh "$OUT"                          # on the GPU machine
