@@ -36,7 +36,7 @@
 set -uo pipefail
 out="${1:?usage: gpu_run.sh OUT}"
 device="${DEVICE:-cuda}"
-py="${PYTHON:-python3}"  # the GPU image has python3 only
+py="${PYTHON:-python3}"  # the GPU image documents python3 as the Python that holds PyTorch
 cd "$(dirname "$0")/.."
 work="$out/work"
 mkdir -p "$work"
