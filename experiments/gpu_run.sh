@@ -44,7 +44,7 @@ export PYTHONUNBUFFERED=1
 model=(${MODEL:+--model "$MODEL"})
 if [ -n "${TINY:-}" ]; then  # the pipeline end to end in minutes on CPU
   lengths=(1024 1536); task=smoke; edge=${EDGE_TASK:-smoke}; pop=3; gens=2; needles=1; held=2; box=(300 900 600 600 900)
-else  # 455 s for steps 1-3; the edge step's 240 s fits one call alone (STEPS=edge)
+else  # 455 s for steps 1-3; the edge task needs ~12 min: its own calls (STEPS=edge, EDGE_DEADLINE; header)
   lengths=(16384 24576); task=gpu; edge=${EDGE_TASK:-edge}; pop=20; gens=11; needles=2; held=5; box=(45 200 150 60 240)
 fi
 steps="${STEPS:-forward short search edge}"

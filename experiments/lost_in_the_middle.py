@@ -113,6 +113,16 @@ BEST = {"short": "smollm2-135m-kv.json", "long": "smollm2-135m-longkv.json",  # 
         "edge": "smollm2-135m-edgekv.json", "gemma": "gemma3-270m-kv.json"}
 
 
+def prompt_sets(task) -> tuple:
+    """(search set, held-out set) of a task: 5 gold positions, seeds 1 and 2 (the GA's own search set is the
+    first: `kv_retrieval.py search` defaults to seed 1), checked disjoint."""
+    pairs = task.get("pairs", 20)
+    search_set = kv.kv_sets(pairs, 5, task["search"], 1, filler=task["filler"])
+    held = kv.kv_sets(pairs, 5, task["heldout"], 2, filler=task["filler"])
+    kv.check_disjoint(search_set, held)
+    return search_set, held
+
+
 def row_path(out, name):
     """Where the held-out row `name` of the task folder `out` is cached."""
     file = "none" if name == "no scaling" else name.replace(" ", "_").replace("/", "-")
@@ -287,10 +297,7 @@ def main():
         for name in args.runs or task["runs"]:
             search(name, task["runs"][name], task, args)
         return
-    pairs = task.get("pairs", 20)
-    search_set = kv.kv_sets(pairs, 5, task["search"], 1, filler=task["filler"])
-    held = kv.kv_sets(pairs, 5, task["heldout"], 2, filler=task["filler"])
-    kv.check_disjoint(search_set, held)
+    search_set, held = prompt_sets(task)
 
     model, tok = harness.load_model(args.model, "float32", args.device)
     layers = lr.num_layers(model)

@@ -152,13 +152,14 @@ def test_edge_task_prompts_stay_inside_the_trained_context(task, tok):
     alike: all 125 edge prompts counted 6,993 tokens with the answer, 7,001 query-aware)."""
     import dataclasses
 
-    spec = _experiment().TASKS[task]
-    for seed, n in ((1, spec["search"]), (2, spec["heldout"])):
-        for ex in kv.kv_sets(20, 5, n, seed, filler=spec["filler"])[::n]:  # one prompt per gold position
+    lim = _experiment()
+    spec = lim.TASKS[task]
+    for prompts, n in zip(lim.prompt_sets(spec), (spec["search"], spec["heldout"])):
+        for ex in prompts[::n]:  # one prompt per gold position
             for qa in (False, True):
                 q = dataclasses.replace(ex, query_aware=qa)
                 length = len(kv.prompt_ids(tok, q)) + len(kv.encode(tok, q.value))
-                assert 6500 < length < 8192, (seed, ex.gold_index, qa, length)
+                assert 6500 < length < 8192, (ex.gold_index, qa, length)
 
 
 def test_experiment_row_resumes_a_killed_chunked_row(tok, prompts, tmp_path, monkeypatch):
