@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 from typing import Sequence
 
 import numpy as np
@@ -132,7 +133,12 @@ def _gguf_as_safetensors(path: str) -> str:
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(tmp)
         os.makedirs(os.path.dirname(cached), exist_ok=True)
-        os.replace(tmp, cached)  # a killed first load never leaves a half-written cache
+        try:
+            os.replace(tmp, cached)  # a killed first load never leaves a half-written cache
+        except OSError:  # another process's first load finished first: its folder holds the same weights
+            if not os.path.exists(os.path.join(cached, "config.json")):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     return cached
 
 
