@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 FACTORS_FORMAT = "layer_rope.factors/1"
+CONFIG_KEY = "layer_rope_factors"  # the factors' key in a model folder's config.json (save_pretrained)
 GA_FORMAT = "layer_rope.ga-checkpoint/2"
 
 # -----------------------------------------------------------------------------
@@ -254,8 +255,9 @@ def _check_rotary(rotary) -> None:
                             "scale it exactly")
 
 
-def apply(model, factors) -> LayerRopeHandle:
+def apply(model, factors=None) -> LayerRopeHandle:
     """Patch `model` so that decoder layer l divides its rotary positions by factors[l]. Returns a handle.
+    Without `factors`, the ones `save_pretrained` put in the model's config (`model.config.layer_rope_factors`).
 
     Refuses, leaving the model untouched: models whose layers do not take `position_embeddings` from a
     model-level rotary module (TypeError), and a model already patched (RuntimeError): remove that
@@ -266,6 +268,11 @@ def apply(model, factors) -> LayerRopeHandle:
                            "factors, or use handle.set_factors(...)")
     decoder = _decoder(model)
     layers = decoder.layers
+    if factors is None:
+        factors = getattr(getattr(model, "config", None), CONFIG_KEY, None)
+        if factors is None:
+            raise ValueError(f"no factors given and the model's config has no `{CONFIG_KEY}`: pass factors, or load "
+                             "a folder written by layer_rope.save_pretrained")
     factors = check_factors(factors, len(layers))
     for i, layer in enumerate(layers):
         if "position_embeddings" not in inspect.signature(layer.forward).parameters:
@@ -306,6 +313,26 @@ def save_factors(path, factors, **metadata) -> None:
     """Write factors (one per decoder layer) and any JSON-able metadata to `path`, atomically."""
     factors = check_factors(factors)
     write_json(path, {"format": FACTORS_FORMAT, "num_layers": len(factors), "factors": factors, **metadata}, indent=1)
+
+
+def save_pretrained(model, folder, factors, tokenizer=None, **kwargs) -> None:
+    """Write `model` (and `tokenizer`) to `folder` as `model.save_pretrained` does, with the factors in its
+    config.json under "layer_rope_factors": one folder to ship. `from_pretrained(folder)` then `apply(model)`
+    restores the scaled model; the layer_rope vLLM plugin serves the folder with the same factors.
+    The model's own config is left as it was."""
+    factors = check_factors(factors, num_layers(model))
+    config, missing = model.config, object()
+    before = getattr(config, CONFIG_KEY, missing)
+    setattr(config, CONFIG_KEY, factors)
+    try:
+        model.save_pretrained(folder, **kwargs)
+    finally:
+        if before is missing:
+            delattr(config, CONFIG_KEY)
+        else:
+            setattr(config, CONFIG_KEY, before)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
 
 
 def load_factors(path, num_layers: int | None = None, model=None, with_metadata: bool = False):
