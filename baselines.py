@@ -613,3 +613,385 @@ def find_position_channel(model, tok, validation_loss, layers, scales=SCALES, sa
                     top_k=top_k, mono_skip=mono_skip, smooth_skip=smooth_skip, last_tokens=last_tokens)
     return ChannelSearch(*best, baseline, candidates, {c: trend[:, c].tolist() for c in candidates},
                          {c: float(smoothness[c]) for c in candidates}, losses, len(qualified), settings)
+
+
+# -----------------------------------------------------------------------------
+# 3. Attention sorting (Peysakhovich & Lerer 2023, arXiv:2310.01427) and positional attention-bias
+#    calibration ("Found in the Middle", Hsieh et al. 2024, arXiv:2406.16008), on KV-retrieval records
+#
+# Both read one number per record: the attention the prompt's last position (the token before the answer)
+# pays to the record's tokens. A pre-hook on each layer's attention module computes it from that layer's own
+# inputs -- q_proj of the last position, k_proj of every position, per-head q_norm/k_norm where the family
+# has them, the model's RoPE (the position_embeddings the layer receives), repeat_kv for grouped-query
+# attention, the module's `scaling`, logit soft-capping where the config has it, and the 4-D mask the layer
+# receives (causal, padding, sliding window) -- so only the last query row is formed, never a T x T matrix,
+# and any attention implementation (SDPA) gives the same numbers as eager attention's own weights
+# (output_attentions), summed over each record's tokens (tests/test_attention_sort.py, float64). It measures a
+# prefill (a pass without a filled cache): the records' keys are not all in a decoding step's input.
+#
+# A record's tokens: the character span of its text in the prompt ('"key": "value"' in the JSON prompt, "The
+# number for key is value." in the long-range one, filler excluded), mapped to tokens with the fast
+# tokenizer's offsets; a token that straddles a record's edge ('{"', '",') counts for the record.
+#
+# Attention sorting (their algorithm): measure, reorder the records by the attention they receive, most
+# attended last (nearest the question), measure again on the new order, `iterations` times, then answer. We
+# aggregate a record's attention as the sum over all layers and heads (their "attention the document
+# receives"; a mean over layers and heads orders alike). Default iterations = 5: our reading of the paper's
+# figures (up to 5 sorts); its text could not be checked in this session.
+#
+# Calibration (their model, adapted): attention to a record at position k = relevance + bias(k), bias
+# depending on the position only. Their recipe measures bias(k) with a dummy document placed at each position;
+# in a KV prompt every record the question does not ask for is such a dummy, so bias(k, layer, head) = the
+# mean attention to the records at position k that are not the gold one, over a calibration set of prompts
+# (kept apart from search and held-out prompts; gold positions spread, so every position holds a dummy in most
+# prompts) -- one pass per calibration prompt and no inserted record, the prompt format unchanged. Calibrated
+# relevance = attention - bias, per layer and head. Two uses:
+#   rerank: records ordered by their relevance summed over layers and heads, most relevant last (as attention
+#     sorting orders), then answer;
+#   intervention (their "found-in-the-middle" attention calibration): while the answer is read, each head of
+#     each layer redistributes the attention its answer rows pay to the records, C = the rows' total attention
+#     on all records, as C * softmax(relevance / temperature) over the records (relevance from the prompt's
+#     last position, this layer and head); within a record its tokens keep their proportions, attention
+#     outside the records is unchanged, so each row still sums to 1. Temperature 0.05 by default (an
+#     attention share, not tuned on held-out prompts), all layers and heads: our choices, the paper tunes its
+#     temperature on validation data. Implemented exactly as an additive term log(new mass / old mass) on the
+#     record tokens' logits, given to the layer through its attention mask (so eager and SDPA alike).
+
+SORT_ITERATIONS = 5
+
+
+def record_char_spans(ex) -> list:
+    """[(start, end)] character span of each record's text in ex.prompt, in record order."""
+    text, at, spans = ex.prompt, 0, []
+    for k, v in ex.records:
+        piece = f"The number for {k} is {v}." if ex.filler else f'"{k}": "{v}"'
+        start = text.find(piece, at)
+        if start < 0:
+            raise ValueError(f"record {(k, v)!r} not found in the prompt after character {at}")
+        spans.append((start, start + len(piece)))
+        at = start + len(piece)
+    return spans
+
+
+def record_token_spans(tok, ex) -> list:
+    """[(first, end)] token span of each record in kv_retrieval.prompt_ids(tok, ex) (raw prompt, with the BOS the
+    tokenizer adds): the tokens whose characters overlap the record's (fast tokenizer offsets); a token two
+    records share goes to the earlier. ValueError if the offsets' tokens are not the scorer's."""
+    import kv_retrieval as kv
+
+    if not getattr(tok, "is_fast", False):
+        raise TypeError("record_token_spans needs a fast tokenizer (offset mapping)")
+    enc = tok(ex.prompt, add_special_tokens=False, return_offsets_mapping=True)
+    bos = len(kv.bos_ids(tok))
+    if enc["input_ids"] != kv.encode(tok, ex.prompt):
+        raise ValueError("the tokenizer's ids with offsets differ from the scorer's")
+    out, last = [], 0
+    for s, e in record_char_spans(ex):
+        hit = [t for t, (a, b) in enumerate(enc["offset_mapping"]) if a < e and b > s and b > a]
+        first = max(hit[0], last)
+        out.append((bos + first, bos + hit[-1] + 1))
+        last = hit[-1] + 1
+    return out
+
+
+def _attention_parts(i, layer):
+    """(attn, n_q, n_kv, head_dim, per_head_norm) of layer i, or TypeError where the hook cannot be exact."""
+    attn = getattr(layer, "self_attn", None)
+    names = {n for n, _ in attn.named_children()} if attn is not None else set()
+    if not {"q_proj", "k_proj"} <= names or names - _ATTN_CHILDREN - _NORMS or (names & _NORMS and
+                                                                                  not _NORMS <= names):
+        raise TypeError(f"layer {i}: attention with children {sorted(names)}; record attention supports "
+                        "Llama-family attention (q_proj/k_proj, optionally a per-head q_norm/k_norm pair)")
+    D = getattr(attn, "head_dim", 0)
+    n_q, n_kv = (getattr(p, "out_features", 0) // max(D, 1) for p in (attn.q_proj, attn.k_proj))
+    if not (D and n_kv) or n_q % n_kv or not isinstance(getattr(attn, "scaling", None), float):
+        raise TypeError(f"layer {i}: {type(attn).__name__} has no head_dim, heads or scaling")
+    norm = _NORMS <= names
+    if norm and any(getattr(getattr(attn, n), "weight", torch.empty(D)).numel() != D for n in _NORMS):
+        raise TypeError(f"layer {i}: q_norm/k_norm act on the whole projection (OLMo2), not per head")
+    return attn, n_q, n_kv, D, norm
+
+
+def _qk(attn, hidden, pe, rows, n_q, n_kv, D, norm):
+    """Rotated queries of `rows` (B, n_q, R, D) and all rotated keys repeated per query head (B, n_q, T, D),
+    float32 or the model's wider dtype, as the layer forms them."""
+    B, T, _ = hidden.shape
+    cos, sin = pe
+    if cos.shape[-1] != D:
+        raise TypeError(f"partial rotary ({cos.shape[-1]} of {D} dims) is not supported")
+    q = attn.q_proj(hidden[:, rows]).view(B, len(rows), n_q, D)
+    k = attn.k_proj(hidden).view(B, T, n_kv, D)
+    if norm:  # per-head RMSNorm over D: the layout it runs on does not change its values
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    cq, sq = cos[:, rows, None], sin[:, rows, None]
+    q = q * cq + lr.rotate_half(q) * sq
+    k = k * cos[:, :, None] + lr.rotate_half(k) * sin[:, :, None]
+    dt = torch.promote_types(q.dtype, torch.float32)
+    q, k = q.transpose(1, 2).to(dt), k.transpose(1, 2).to(dt)
+    return q, k.repeat_interleave(n_q // n_kv, dim=1)
+
+
+def _row_weights(attn, q, k, mask, rows, T):
+    """Softmax attention weights (B, H, R, T) of query rows `rows` as the module computes them: scaling, soft-cap,
+    the layer's 4-D mask (bool: keep; float: added), or causal (and sliding window) where it got none."""
+    logits = (q @ k.transpose(-1, -2)) * attn.scaling
+    cap = getattr(getattr(attn, "config", None), "attn_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    if mask is None:
+        r, j = torch.as_tensor(rows, device=q.device)[:, None], torch.arange(T, device=q.device)
+        keep = j <= r
+        window = getattr(attn, "sliding_window", None)
+        if window:
+            keep &= j > r - window
+        logits = logits.masked_fill(~keep, float("-inf"))
+    else:
+        m = mask[:, :, rows, :T]  # padding keys can hold NaN states in later layers: masked out, not added to
+        keep = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+        logits = torch.where(keep, logits if m.dtype == torch.bool else logits + m.to(logits.dtype), float("-inf"))
+    return logits.softmax(-1)
+
+
+def _mass(w, spans):
+    """(..., N) the weights w (..., T) summed over each record's token span; spans (B, N, 2) LongTensor."""
+    c = torch.nn.functional.pad(w.cumsum(-1), (1, 0))  # c[t] = sum of w[:t]
+    B = w.shape[0]
+    idx = spans.view(B, *([1] * (w.dim() - 2)), -1).expand(*w.shape[:-1], -1)  # (..., 2N): start, end, start, ...
+    got = c.gather(-1, idx)
+    return got[..., 1::2] - got[..., 0::2]
+
+
+def _decoder_layers(model):
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise TypeError(f"{type(model).__name__}: no decoder layer stack")
+    return decoder, layers
+
+
+def _padded_spans(spans, pads, device):
+    return torch.stack([torch.as_tensor(s, dtype=torch.long) + p for s, p in zip(spans, pads)]).to(device)
+
+
+@torch.inference_mode()
+def record_attention(model, tok, examples, batch_size: int = 8) -> np.ndarray:
+    """(len(examples), layers, query heads, records) float64: the attention the last prompt position pays to each
+    record's tokens (summed), per layer and head, one prefill pass per prompt (left-padded batches of
+    `batch_size`); see the section comment. The prompts: kv_retrieval.prompt_ids (raw, with the tokenizer's BOS)."""
+    import kv_retrieval as kv
+
+    lr.check_int("batch_size", batch_size, 1)
+    decoder, layers = _decoder_layers(model)
+    parts = [_attention_parts(i, layer) for i, layer in enumerate(layers)]
+    if any(getattr(model, a, None) is not None for a in ("_mspoe_handle", "_hidden_scaling_handle")):
+        raise RuntimeError("Ms-PoE or hidden scaling changes the queries and keys after these hooks; remove it first")
+    device, out = next(model.parameters()).device, [None] * len(examples)
+    state = {}
+
+    def hook(i, attn, args, kwargs):
+        a = _named(attn.forward, args, kwargs)
+        cache = a.get("cache", a.get("past_key_values"))
+        if cache is not None and cache.get_seq_length(attn.layer_idx) > 0:
+            raise RuntimeError("record_attention measures a prefill, not a pass on a filled cache")
+        hidden, T = a["hidden_states"], a["hidden_states"].shape[1]
+        _, n_q, n_kv, D, norm = parts[i]
+        q, k = _qk(attn, hidden, a["position_embeddings"], [T - 1], n_q, n_kv, D, norm)
+        w = _row_weights(attn, q, k, a.get("attention_mask"), [T - 1], T)[:, :, 0]  # (B, H, T)
+        state["mass"][:, i] = _mass(w, state["spans"]).double()
+
+    hooks = [p[0].register_forward_pre_hook(functools.partial(hook, i), with_kwargs=True) for i, p in enumerate(parts)]
+    try:
+        prompts = [kv.prompt_ids(tok, ex) for ex in examples]
+        spans = [record_token_spans(tok, ex) for ex in examples]
+        order = sorted(range(len(examples)), key=lambda i: len(prompts[i]))
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            batch = kv._left_padded(tok, [prompts[i] for i in idx], device)
+            T = batch["input_ids"].shape[1]
+            state["spans"] = _padded_spans([spans[i] for i in idx], [T - len(prompts[i]) for i in idx], device)
+            state["mass"] = torch.zeros(len(idx), len(parts), parts[0][1], len(spans[idx[0]]), dtype=torch.float64,
+                                        device=device)
+            model(**batch, use_cache=False, logits_to_keep=1)
+            for row, i in enumerate(idx):
+                out[i] = state["mass"][row].cpu().numpy()
+    finally:
+        for h in hooks:
+            h.remove()
+    return np.stack(out)
+
+
+def reorder(ex, scores):
+    """ex with its records ordered by increasing score (stable): the highest scored last, the gold moved along."""
+    import kv_retrieval as kv
+
+    if len(scores) != len(ex.records):
+        raise ValueError(f"{len(scores)} scores for {len(ex.records)} records")
+    order = np.argsort(np.asarray(scores, dtype=float), kind="stable")
+    records = tuple(ex.records[j] for j in order)
+    return kv.KVExample(records, ex.key, ex.value, records.index((ex.key, ex.value)), ex.filler, ex.query_aware)
+
+
+@dataclasses.dataclass
+class Sorted:
+    """What attention_sort and calibrated_rerank return: the reordered examples (input order) and, per example, the
+    gold's index after each round (gold_path[i][0] = its original index, [-1] = where it was answered)."""
+
+    examples: list
+    gold_path: list
+    forwards: int  # forward passes per prompt spent measuring (the answer's pass not included)
+
+
+def attention_sort(model, tok, examples, iterations: int = SORT_ITERATIONS, batch_size: int = 8) -> Sorted:
+    """Attention sorting (see the section comment): `iterations` rounds of measuring record_attention and putting
+    the most attended records last (sum over layers and heads). Score the returned examples to answer."""
+    lr.check_int("iterations", iterations, 1)
+    current, path = list(examples), [[ex.gold_index] for ex in examples]
+    for _ in range(iterations):
+        att = record_attention(model, tok, current, batch_size).sum(axis=(1, 2))
+        current = [reorder(ex, a) for ex, a in zip(current, att)]
+        for p, ex in zip(path, current):
+            p.append(ex.gold_index)
+    return Sorted(current, path, iterations)
+
+
+def position_bias(model, tok, examples, batch_size: int = 8) -> np.ndarray:
+    """(layers, heads, records) the mean attention to the records at each position that the question does not ask
+    for (the dummies of the calibration), over `examples` (a calibration set; every example with as many records).
+    ValueError if some position never holds a dummy."""
+    n = {len(ex.records) for ex in examples}
+    if len(n) != 1:
+        raise ValueError(f"calibration examples must all have one record count, got {sorted(n)}")
+    att = record_attention(model, tok, examples, batch_size)  # (n, L, H, N)
+    dummy = np.ones((len(examples), n.pop()), dtype=bool)
+    dummy[np.arange(len(examples)), [ex.gold_index for ex in examples]] = False
+    if not dummy.any(0).all():
+        raise ValueError("some record position holds no dummy in the calibration set")
+    return (att * dummy[:, None, None]).sum(0) / dummy.sum(0)
+
+
+def calibrated_relevance(attention: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """attention (..., layers, heads, records) - bias (layers, heads, records): the calibrated relevance."""
+    if attention.shape[-3:] != bias.shape:
+        raise ValueError(f"attention {attention.shape} and bias {bias.shape} do not match (layers, heads, records)")
+    return attention - bias
+
+
+def calibrated_rerank(model, tok, examples, bias: np.ndarray, batch_size: int = 8) -> Sorted:
+    """The records ordered by calibrated relevance summed over layers and heads, most relevant last (one measuring
+    pass per prompt). Score the returned examples to answer."""
+    rel = calibrated_relevance(record_attention(model, tok, examples, batch_size), bias).sum(axis=(1, 2))
+    current = [reorder(ex, r) for ex, r in zip(examples, rel)]
+    return Sorted(current, [[a.gold_index, b.gold_index] for a, b in zip(examples, current)], 1)
+
+
+@dataclasses.dataclass
+class CalibratedAttention:
+    """What calibrated_attention returns; remove() (or leaving its with block) restores the model bit for bit."""
+
+    model: torch.nn.Module
+    temperature: float
+    prompts: dict  # tuple(prompt ids) -> (spans (N, 2) LongTensor, relevance (L, H, N) tensor)
+    _hooks: list = dataclasses.field(default_factory=list, repr=False)
+    _batch: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks, self._batch = [], {}
+        if getattr(self.model, "_calibrated_attention_handle", None) is self:
+            del self.model._calibrated_attention_handle
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def _on_model(self, model, args, kwargs):
+        """Finds each batch row's prompt (a known prompt's ids at the start of its real tokens) and its first answer
+        row (the prompt's last position); rows of unknown prompts are left alone."""
+        a = _named(model.forward, args, kwargs)
+        ids, mask = a.get("input_ids"), a.get("attention_mask")
+        cache = a.get("cache", a.get("past_key_values"))
+        if cache is not None and cache.get_seq_length() > 0:
+            raise RuntimeError("calibrated attention re-weights a full pass (teacher-forced answer), not a cached step")
+        self._batch = {}
+        lengths = {len(p) for p in self.prompts}
+        for b in range(ids.shape[0]):
+            real = ids[b] if mask is None else ids[b][mask[b].bool()]
+            pad = ids.shape[1] - len(real)
+            hit = next((p for n in lengths if n <= len(real) and (p := tuple(real[:n].tolist())) in self.prompts), None)
+            if hit is not None:
+                self._batch[b] = (pad, pad + len(hit) - 1, *self.prompts[hit])
+
+    def _on_attn(self, i, parts, attn, args, kwargs):
+        if not self._batch:
+            return None
+        a = _named(attn.forward, args, kwargs)
+        hidden, T = a["hidden_states"], a["hidden_states"].shape[1]
+        first = min(v[1] for v in self._batch.values())
+        rows = list(range(first, T))
+        _, n_q, n_kv, D, norm = parts
+        q, k = _qk(attn, hidden, a["position_embeddings"], rows, n_q, n_kv, D, norm)
+        base = a.get("attention_mask")
+        w = _row_weights(attn, q, k, base, rows, T)  # (B, H, R, T)
+        B = hidden.shape[0]
+        bias = torch.zeros(B, n_q, T, T, dtype=w.dtype, device=w.device)
+        for b, (pad, start, spans, rel) in self._batch.items():
+            sp = spans.to(w.device) + pad
+            mass = _mass(w[b:b + 1, :, start - first:], sp[None])[0]  # (H, R', N)
+            total = mass.sum(-1, keepdim=True)
+            # records the layer cannot see (outside a sliding window) get no share
+            logit = (rel[i].to(w)[:, None] / self.temperature).masked_fill(mass <= 0, float("-inf"))
+            new = total * torch.softmax(logit, dim=-1).nan_to_num(0.0)
+            ratio = torch.log(new.clamp_min(1e-30) / mass.clamp_min(1e-30))  # (H, R', N)
+            for j, (s, e) in enumerate(sp.tolist()):
+                bias[b, :, start:, s:e] = ratio[:, :, j, None]
+        if base is None:
+            r, j = torch.arange(T, device=w.device)[:, None], torch.arange(T, device=w.device)
+            keep = j <= r
+            if getattr(attn, "sliding_window", None):
+                keep &= j > r - attn.sliding_window
+            base = keep[None, None]
+        base = base[..., :T]
+        dt = hidden.dtype
+        if base.dtype == torch.bool:
+            full = torch.where(base, bias.to(dt), torch.finfo(dt).min)
+        else:
+            full = base.to(dt) + bias.to(dt)
+        if "attention_mask" not in kwargs:
+            raise RuntimeError(f"layer {i}: the attention mask was not passed by keyword; cannot re-weight it")
+        return args, dict(kwargs, attention_mask=full)
+
+
+def calibrated_attention(model, tok, examples, relevance: np.ndarray, temperature: float = 0.05) -> CalibratedAttention:
+    """Found-in-the-middle attention calibration while `examples` are answered (see the section comment): any
+    pass of the model whose row starts with one of their prompts (kv_retrieval.prompt_ids) gets, in every layer
+    and head, the attention of its rows from the prompt's last position on redistributed over the records as
+    C * softmax(relevance / temperature). relevance: (len(examples), layers, heads, records), e.g.
+    calibrated_relevance(record_attention(...), bias). Use as a with block or call .remove()."""
+    import kv_retrieval as kv
+
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0 or \
+            not math.isfinite(temperature):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    decoder, layers = _decoder_layers(model)
+    parts = [_attention_parts(i, layer) for i, layer in enumerate(layers)]
+    if relevance.shape[:3] != (len(examples), len(layers), parts[0][1]):
+        raise ValueError(f"relevance {relevance.shape} is not (examples, layers, heads, records) = "
+                         f"({len(examples)}, {len(layers)}, {parts[0][1]}, ...)")
+    if any(getattr(model, a, None) is not None for a in ("_mspoe_handle", "_hidden_scaling_handle",
+                                                          "_calibrated_attention_handle")):
+        raise RuntimeError("model is already patched (Ms-PoE, hidden scaling or calibrated attention)")
+    prompts = {}
+    for ex, rel in zip(examples, relevance):
+        spans = record_token_spans(tok, ex)
+        if len(spans) != rel.shape[-1]:
+            raise ValueError(f"{len(spans)} records but relevance for {rel.shape[-1]}")
+        prompts[tuple(kv.prompt_ids(tok, ex))] = (torch.tensor(spans), torch.as_tensor(rel))
+    handle = CalibratedAttention(model, float(temperature), prompts)
+    handle._hooks.append(model.register_forward_pre_hook(handle._on_model, with_kwargs=True))
+    for i, p in enumerate(parts):
+        handle._hooks.append(p[0].register_forward_pre_hook(functools.partial(handle._on_attn, i, p), with_kwargs=True))
+    model._calibrated_attention_handle = handle
+    return handle

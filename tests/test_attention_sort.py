@@ -1,0 +1,201 @@
+"""Attention sorting and positional-bias calibration (baselines.py, section 3) on tiny random-weight models with the
+embedded SmolLM2's tokenizer: the per-record attention against eager attention's own weights (float64, left-padded
+batches, GQA, per-head norms, sliding windows, soft-capping, SDPA), a planted attention pattern recovered by the
+sort and the calibration, the attention intervention's redistribution, and refusals."""
+
+import numpy as np
+import pytest
+import torch
+
+import baselines as bl
+import kv_retrieval as kv
+from tiny_models import single_thread, tiny  # noqa: F401
+
+VOCAB = 49152  # SmolLM2's tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok(smollm2):
+    return smollm2[1]
+
+
+def examples(n=3, pairs=5, seed=0, **kw):
+    """Prompts of a few lengths (query-aware ones are longer), so a batch of them is left-padded."""
+    return [ex for qa in (False, True) for ex in kv.make_kv_examples(n, pairs, 2, seed=seed, query_aware=qa, **kw)]
+
+
+def eager_record_attention(model, tok, exs):
+    """The oracle: each prompt alone through the eager model, output_attentions' last row summed per record."""
+    out = []
+    for ex in exs:
+        ids = torch.tensor([kv.prompt_ids(tok, ex)])
+        with torch.no_grad():
+            att = model(ids, output_attentions=True).attentions  # per layer (1, H, T, T)
+        spans = bl.record_token_spans(tok, ex)
+        out.append([[[float(a[0, h, -1, s:e].sum()) for s, e in spans] for h in range(a.shape[1])] for a in att])
+    return np.array(out)
+
+
+def test_record_spans_cover_each_record(tok):
+    for ex in examples(1) + examples(1, filler=1):
+        ids = kv.prompt_ids(tok, ex)
+        spans = bl.record_token_spans(tok, ex)
+        assert all(a < b <= c for (a, b), (c, _) in zip(spans, spans[1:])) and spans[-1][1] <= len(ids)
+        for (k, v), (s, e) in zip(ex.records, spans):
+            text = tok.decode(ids[s:e])
+            assert k in text and v in text and text.count(":") <= 2 + ex.filler * 10
+
+
+@pytest.mark.parametrize("family,kw", [("llama", {}), ("gemma3_text", dict(sliding_window=48)),
+                                       ("gemma2", dict(sliding_window=48)), ("qwen3", {})])
+def test_record_attention_equals_eager_weights(tok, family, kw):
+    """Hooks only, against each prompt alone through eager attention (float64): one prompt at a time, and left-padded
+    batches -- in SDPA, since transformers' eager float64 turns padded batches into NaN (fully masked padding rows),
+    and in eager float32. Gemma 3 / Gemma 2 prompts (83-90 tokens) exceed the sliding window, Gemma 2 soft-caps
+    logits (eager only), Qwen3 and Gemma 3 have per-head q_norm/k_norm; GQA everywhere (4 query, 2 KV heads)."""
+    exs = examples()
+    eager = tiny(family, "eager", dtype=torch.float64, vocab_size=VOCAB, **kw)
+    assert len({len(kv.prompt_ids(tok, ex)) for ex in exs}) > 1
+    want = eager_record_attention(eager, tok, exs)
+    assert want.shape == (len(exs), 3, 4, 5) and want.max() > 0.05
+    # eager's softmax runs in float32 whatever the model's dtype: agreement to float32 rounding
+    np.testing.assert_allclose(bl.record_attention(eager, tok, exs, batch_size=1), want, rtol=0, atol=1e-6)
+    eager32 = tiny(family, "eager", dtype=torch.float32, vocab_size=VOCAB, **kw)
+    np.testing.assert_allclose(bl.record_attention(eager32, tok, exs, batch_size=4),
+                               eager_record_attention(eager32, tok, exs), rtol=0, atol=2e-6)
+    if family != "gemma2":  # SDPA does not soft-cap
+        sdpa = tiny(family, "sdpa", dtype=torch.float64, vocab_size=VOCAB, **kw)
+        got = bl.record_attention(sdpa, tok, exs, batch_size=4)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(got, bl.record_attention(sdpa, tok, exs, batch_size=1), rtol=0, atol=1e-12)
+
+
+# -- a planted pattern: the last token's query matches one key word's key -------------------------------
+
+PLANT = "dose"
+
+
+def planted_model(tok, plant=3.0, recency=0.0):
+    """One llama layer whose only query (from the prompt's last token ':') matches the key of the token PLANT, in the
+    RoPE dims that do not rotate at these lengths (theta 1e12: frequency 1e-9): the record holding PLANT gets more
+    attention wherever it is. recency > 0 adds a positional bias: every token's key and that query share a
+    component in the dims of frequency 1e-3, whose logit recency * cos(1e-3 * distance) falls with distance."""
+    m = tiny("llama", "eager", dtype=torch.float64, vocab_size=VOCAB, num_hidden_layers=1,
+             rope_parameters={"rope_type": "default", "rope_theta": 1e12})
+    ids, colon = tok.convert_tokens_to_ids(PLANT), tok.convert_tokens_to_ids(":")
+    att = m.model.layers[0].self_attn
+    with torch.no_grad():
+        E = m.model.embed_tokens.weight
+        E[:, :3] = 0
+        E[:, 2] = 1.0
+        E[ids] = 0
+        E[ids, 0], E[ids, 2] = 1.0, 1.0
+        E[colon] = 0
+        E[colon, 1], E[colon, 2] = 1.0, 1.0
+        att.q_proj.weight.zero_()
+        att.k_proj.weight.zero_()
+        for h in range(4):
+            att.q_proj.weight[h * 8 + 7, 1] = plant
+            att.q_proj.weight[h * 8 + 1, 1] = recency ** 0.5
+        for h in range(2):
+            att.k_proj.weight[h * 8 + 7, 0] = plant
+            att.k_proj.weight[h * 8 + 1, 2] = recency ** 0.5
+    return m
+
+
+def planted_examples(gold_positions, seed=0, pairs=6):
+    """Prompts asking for PLANT, its record at each gold position, the other keys drawn without PLANT."""
+    rng, out = np.random.default_rng(seed), []
+    words = [w for w in kv.KV_WORDS if w != PLANT]
+    for p in gold_positions:
+        keys = list(rng.choice(words, pairs - 1, replace=False))
+        keys.insert(p, PLANT)
+        values = [str(v) for v in rng.choice(np.arange(1000, 10000), pairs, replace=False)]
+        out.append(kv.KVExample(tuple(zip(keys, values)), PLANT, values[p], p))
+    return out
+
+
+def test_planted_record_is_most_attended_and_sorted_last(tok):
+    model, exs = planted_model(tok), planted_examples(range(6))
+    att = bl.record_attention(model, tok, exs).sum(axis=(1, 2))  # (n, records)
+    assert (att.argmax(1) == np.arange(6)).all() and (att.max(1) > 4 * np.sort(att, 1)[:, -2]).all()
+    sort = bl.attention_sort(model, tok, exs, iterations=2)
+    assert sort.forwards == 2 and [p[0] for p in sort.gold_path] == list(range(6))
+    assert all(p[1:] == [5, 5] for p in sort.gold_path)
+    for a, b in zip(exs, sort.examples):  # the same records, reordered, the gold moved along
+        assert sorted(a.records) == sorted(b.records) and b.records[b.gold_index] == (PLANT, a.value)
+
+
+def test_position_bias_from_dummies_and_calibrated_rerank(tok):
+    model = planted_model(tok)
+    calib = planted_examples([0, 1, 2, 3, 4, 5] * 2, seed=1)
+    bias = bl.position_bias(model, tok, calib)
+    att = bl.record_attention(model, tok, calib)
+    dummy = np.ones((len(calib), 6), bool)
+    dummy[np.arange(len(calib)), [ex.gold_index for ex in calib]] = False
+    for k in range(6):  # the mean over the records at k that were not asked for
+        np.testing.assert_allclose(bias[..., k], att[dummy[:, k], ..., k].mean(0), rtol=1e-12)
+    exs = planted_examples(range(6), seed=2)
+    rel = bl.calibrated_relevance(bl.record_attention(model, tok, exs), bias).sum(axis=(1, 2))
+    assert (rel.argmax(1) == np.arange(6)).all()
+    rr = bl.calibrated_rerank(model, tok, exs, bias)
+    assert [p for p in rr.gold_path] == [[g, 5] for g in range(6)]
+    with pytest.raises(ValueError, match="do not match"):
+        bl.calibrated_relevance(att, bias[:, :, :3])
+
+
+
+
+def test_calibrated_attention_redistributes_record_attention(tok):
+    """The answer rows' attention over the records becomes C * softmax(relevance / t) per layer and head (C: their
+    total before), the rest of each row and every prompt row before the last stay as they were; eager = SDPA."""
+    eager = tiny("llama", "eager", dtype=torch.float64, vocab_size=VOCAB)
+    sdpa = tiny("llama", "sdpa", dtype=torch.float64, vocab_size=VOCAB)
+    exs = examples(2)
+    rng = np.random.default_rng(0)
+    rel = rng.normal(0, 0.05, (len(exs), 3, 4, 5))
+    ex, t = exs[1], 0.05
+    ids = torch.tensor([kv.prompt_ids(tok, ex) + kv.encode(tok, " " + ex.value)[:-1]])
+    P = len(kv.prompt_ids(tok, ex))
+    spans = bl.record_token_spans(tok, ex)
+    inside = torch.zeros(ids.shape[1], dtype=torch.bool)
+    for s, e in spans:
+        inside[s:e] = True
+    with torch.no_grad():
+        before = eager(ids, output_attentions=True)
+        with bl.calibrated_attention(eager, tok, exs, rel, temperature=t):
+            after = eager(ids, output_attentions=True)
+            with pytest.raises(RuntimeError, match="already patched"):
+                bl.calibrated_attention(eager, tok, exs, rel)
+        with bl.calibrated_attention(sdpa, tok, exs, rel, temperature=t):
+            after_sdpa = sdpa(ids).logits
+        again = eager(ids).logits
+    assert torch.equal(again, before.logits)  # removed: the model as before, bit for bit
+    torch.testing.assert_close(after_sdpa, after.logits, rtol=0, atol=1e-5)  # eager's softmax is float32
+    assert (after.logits[0, P - 1:] - before.logits[0, P - 1:]).abs().max() > 1e-3
+    torch.testing.assert_close(after.logits[0, :P - 1], before.logits[0, :P - 1], rtol=1e-9, atol=1e-9)
+    for layer, (a0, a1) in enumerate(zip(before.attentions, after.attentions)):
+        w0, w1 = a0[0, :, P - 1:], a1[0, :, P - 1:]  # (H, answer rows, T)
+        m0 = torch.stack([w0[..., s:e].sum(-1) for s, e in spans], -1)
+        m1 = torch.stack([w1[..., s:e].sum(-1) for s, e in spans], -1)
+        share = torch.softmax(torch.tensor(rel[1, layer])[:, None] / t, -1).expand_as(m1)
+        torch.testing.assert_close(m1 / m1.sum(-1, keepdim=True), share, rtol=0, atol=1e-6)
+        if layer == 0:  # the layer's input is unchanged: the same total C, the rest of each row as it was
+            torch.testing.assert_close(w1[..., ~inside], w0[..., ~inside], rtol=0, atol=1e-6)
+            torch.testing.assert_close(m1, m0.sum(-1, keepdim=True) * share, rtol=0, atol=1e-6)
+            assert (m1 - m0).abs().max() > 1e-2  # and it moved
+
+
+def test_refusals(tok):
+    model, exs = tiny("llama", "eager", dtype=torch.float64, vocab_size=VOCAB), examples(1)
+    rel = np.zeros((len(exs), 3, 4, 5))
+    with pytest.raises(ValueError, match="temperature"):
+        bl.calibrated_attention(model, tok, exs, rel, temperature=0)
+    with pytest.raises(ValueError, match="relevance"):
+        bl.calibrated_attention(model, tok, exs, rel[:, :2])
+    with pytest.raises(ValueError, match="iterations"):
+        bl.attention_sort(model, tok, exs, iterations=0)
+    with pytest.raises(TypeError, match="per head"):
+        bl.record_attention(tiny("olmo2", "eager", vocab_size=VOCAB), tok, exs)
+    with pytest.raises(ValueError, match="no dummy"):
+        bl.position_bias(model, tok, exs[:1])
