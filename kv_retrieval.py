@@ -4,7 +4,7 @@ kv_retrieval: the Lost-in-the-Middle key-value retrieval experiment, the paper's
 The prompts (generated word keys, or the original data files), the teacher-forced scorer, the fitness
 (with racing), the statistics (Wilson, paired bootstrap, McNemar), the layer scan, and the command line:
 
-    python kv_retrieval.py search        baseline, layer scan, GA search, held-out rows (the README's command)
+    python kv_retrieval.py search        layer scan, GA search, the validated verdict, held-out rows (the README's command)
     python kv_retrieval.py eval          held-out accuracy of saved factors, paired against no scaling
     python kv_retrieval.py sensitivity   the fitness with one layer at a time scaled
 
@@ -27,9 +27,9 @@ import torch
 
 from harness import (DTYPES, FILLER, cached_model, default_dtype, figure, keep_freed_memory, markdown_table,
                      model_help, run_info, worker_device, worker_pool)
-from layer_rope import (CURVES, GAConfig, GAResult, check_factors, check_int, control_points, genetic_search,
-                        individual_factors, linear_factors, load_factors, num_layers, save_factors, scaled,
-                        synthetic_fitness, write_json)
+from layer_rope import (CURVES, GAConfig, GAResult, Verdict, check_factors, check_int, control_points,
+                        genetic_search, individual_factors, linear_factors, load_factors, num_layers, paired_test,
+                        save_factors, scaled, synthetic_fitness, validated_choice, write_json)
 
 # -----------------------------------------------------------------------------
 # 1. KV retrieval (Lost in the Middle): prompts, the teacher-forced scorer, the fitness, the layer scan
@@ -217,11 +217,16 @@ def kv_sets(pairs: int, positions: int, samples: int, seed: int, data: str | Non
             for ex in load_kv_examples(data, p, samples, offset, query_aware)]
 
 
-def check_disjoint(search: Sequence[KVExample], heldout: Sequence[KVExample]) -> None:
-    """Refuse held-out prompts that are a search prompt with the gold pair moved (or the same one)."""
-    seen = {frozenset(ex.records) for ex in search}
-    if any(frozenset(ex.records) in seen for ex in heldout):
-        raise ValueError("search and held-out sets share an example; use different seeds/offsets")
+def check_disjoint(*sets: Sequence[KVExample], names: Sequence[str] = ("search", "held-out", "validation")) -> None:
+    """Refuse prompt sets that share an example: the same records (so the same prompt text), whatever the
+    gold pair's position. Every pair of sets is checked; the error names the two."""
+    seen = [{frozenset(ex.records) for ex in s} for s in sets]
+    for i in range(len(sets)):
+        for j in range(i + 1, len(sets)):
+            shared = len(seen[i] & seen[j])
+            if shared:
+                raise ValueError(f"the {names[i]} and {names[j]} sets share {shared} example(s); "
+                                 "use different seeds/offsets")
 
 
 # The gold answer must be the tokens greedy decoding emits, so that teacher forcing agrees with `generate`,
@@ -546,23 +551,16 @@ def _fitness(golds: list, scores: list, n_at: dict, w: dict, objective: str) -> 
 def paired_comparison(a: KVFitness, b: KVFitness, resamples: int = 10000, seed: int = 0) -> dict:
     """a against b scored on the same prompts: mean accuracy difference a - b with a 95% paired bootstrap
     interval over prompts, and the exact McNemar test (binomial test on the discordant prompts); the same
-    for the gold log-prob (nats, summed over the answer's tokens), a smooth measure of the same change."""
-    from scipy.stats import binomtest
-
+    for the gold log-prob (nats, summed over the answer's tokens), a smooth measure of the same change.
+    Both use one resampling of the prompts (`paired_test` with the same seed)."""
     if a.gold_index != b.gold_index or not (a.complete and b.complete):
         raise ValueError("a paired comparison needs two complete scores of the same prompts")
-    diff = np.array(a.correct, dtype=float) - np.array(b.correct, dtype=float)
+    acc = paired_test(np.array(a.correct, dtype=float), np.array(b.correct, dtype=float), "mcnemar", resamples, seed)
+    lp = paired_test(a.logprobs, b.logprobs, "bootstrap", resamples, seed)
     dlp = np.array(a.logprobs, dtype=float) - np.array(b.logprobs, dtype=float)
-    idx = np.random.default_rng(seed).integers(0, len(diff), (resamples, len(diff)))  # one resampling for both
-
-    def ci95(d):
-        return [float(q) for q in np.quantile(d[idx].mean(axis=1), [0.025, 0.975])]
-
-    only_a, only_b = int(np.sum(diff > 0)), int(np.sum(diff < 0))
-    p = binomtest(only_a, only_a + only_b).pvalue if only_a + only_b else 1.0
-    return {"difference": float(diff.mean()), "ci95": ci95(diff),
-            "only_a_right": only_a, "only_b_right": only_b, "mcnemar_p": float(p), "n": len(diff),
-            "logprob_difference": float(dlp.mean()), "logprob_ci95": ci95(dlp),
+    return {"difference": acc["difference"], "ci95": acc["ci95"], "only_a_right": acc["only_a"],
+            "only_b_right": acc["only_b"], "mcnemar_p": acc["p"], "n": acc["n"],
+            "logprob_difference": lp["difference"], "logprob_ci95": lp["ci95"],
             "logprob_higher": int(np.sum(dlp > 0)), "logprob_lower": int(np.sum(dlp < 0))}
 
 
@@ -666,10 +664,12 @@ class KVObjective:
 # -----------------------------------------------------------------------------
 # 2. Command line: search, eval, sensitivity
 #
-# `search` runs the paper's experiment end to end: baseline per gold position, a layer scan to pick the
-# layers to freeze, the GA on a search set (in bfloat16 where the device has it, racing hopeless
-# candidates), the finalists re-scored in float32, then held-out accuracy of no scaling, the best uniform
-# factor, a linear ramp and the GA's factors, each with 95% intervals and paired against no scaling.
+# `search` runs the paper's experiment end to end on three disjoint prompt sets: baseline per gold position,
+# a layer scan to pick the layers to freeze, the GA on the search set (in bfloat16 where the device has it),
+# then the verdict: the GA's distinct finalists, the best uniform factor and no scaling scored in float32 on
+# the validation set, a candidate kept only if it beats no scaling there (layer_rope.validated_choice), else
+# no scaling is written; last, held-out accuracy of no scaling, the best uniform factor, a linear ramp and
+# the GA's pick, each with 95% intervals and paired against no scaling, and the verdict line.
 
 
 def kv_report(rows: dict, baseline: str = "no scaling") -> str:
@@ -788,13 +788,24 @@ def _scan_for_frozen_layers(args, model, tok, search, record) -> list[int]:
     return freeze
 
 
+def _finalists(args, search, res: GAResult, cfg: GAConfig) -> list:
+    """The GA's best --finalists individuals by search fitness, fully scored (not stopped by racing) and with
+    distinct factors (two individuals can draw the same curve), best first."""
+    finalists, seen = [], set()
+    for e in sorted((e for e in res.evaluations if e[3] in (None, len(search))), key=lambda e: -e[1]):
+        factors = tuple(individual_factors(e[0], cfg))
+        if factors not in seen and len(finalists) < args.finalists:
+            finalists.append(e)
+            seen.add(factors)
+    return finalists
+
+
 def _rescore_finalists(args, model, tok, search, res: GAResult, cfg: GAConfig, record) -> tuple:
-    """The best --finalists fully scored candidates of the search dtype, re-scored with `model` (the
-    held-out dtype); returns the best of those, recording both rankings and whether they agree."""
+    """Without validation prompts (--validation-samples 0): the finalists re-scored on the search set with
+    `model` (the held-out dtype); returns the best of those, recording both rankings and whether they agree."""
     from scipy.stats import kendalltau
 
-    finalists = sorted((e for e in res.evaluations if e[3] in (None, len(search))), key=lambda e: -e[1])
-    finalists = finalists[:args.finalists]
+    finalists = _finalists(args, search, res, cfg)
     before = [e[1] for e in finalists]
     if args.heldout_dtype == args.dtype:  # the search's scores are already the held-out dtype's
         after = list(before)
@@ -809,21 +820,81 @@ def _rescore_finalists(args, model, tok, search, res: GAResult, cfg: GAConfig, r
     return chosen
 
 
-def _heldout_rows(args, model, tok, search, held, factors, freeze, record, step) -> tuple[dict, dict]:
-    """The held-out rows (no scaling, the best uniform factor on the search set, a linear ramp, the GA's
-    factors), each paired against no scaling; recorded in `record`. Returns (rows, factor settings)."""
-    kw, layers = _fitness_kw(args), len(factors)
-    uniform = [float(v) for v in args.uniform.split(",")]
-    ufit = {u: kv_fitness(model, tok, search, [u] * layers, **kw).fitness for u in uniform}
-    best_u = max(uniform, key=lambda u: (ufit[u], -u))
+def best_uniform_factor(model, tok, search, uniform: Sequence[float], layers: int, **fitness_kw) -> tuple:
+    """(the best uniform factor on the search set, ties to the smaller; {factor: its search fitness})."""
+    fit = {u: kv_fitness(model, tok, search, [u] * layers, **fitness_kw).fitness for u in uniform}
+    return max(uniform, key=lambda u: (fit[u], -u)), fit
+
+
+def validate_search(model, tok, validation, candidates: dict, uniform: str | None = None, alpha: float = 0.05,
+                    **fitness_kw) -> tuple[Verdict, dict]:
+    """The verdict (layer_rope.validated_choice) over `candidates` ({name: factors}, "no scaling" among them)
+    on the validation prompts, scored with `model` as it is (the report's dtype): exact McNemar on right/wrong
+    for the accuracy objective, a paired bootstrap of the gold log-prob for the log-prob objective. Returns
+    (verdict, {name: KVFitness JSON})."""
+    scores, objective, names = {}, fitness_kw.get("objective", "accuracy"), iter(candidates)
+
+    def validate(factors):  # called once per candidate, in order
+        name = next(names)
+        fit = kv_fitness(model, tok, validation, factors, **fitness_kw)
+        scores[name] = fit.to_json()
+        return fit.fitness, fit.correct if objective == "accuracy" else fit.logprobs
+
+    verdict = validated_choice(validate, candidates, "no scaling", "mcnemar" if objective == "accuracy" else "bootstrap",
+                               alpha, uniform)
+    return verdict, scores
+
+
+def _verdict_step(args, model, tok, search, validation, res: GAResult, cfg: GAConfig, record, step) -> tuple:
+    """Score the GA's distinct finalists, the best uniform factor (on the search set) and no scaling on the
+    validation prompts and decide (validate_search). Returns (the factors to write: the verdict's, the GA's
+    pick: its finalist of best validation fitness). Records verdict, validation and ga_best."""
+    kw, layers = _fitness_kw(args), cfg.num_layers
+    best_u, ufit = best_uniform_factor(model, tok, search, [float(v) for v in args.uniform.split(",")], layers, **kw)
+    record.update(uniform_search_fitness={str(u): f for u, f in ufit.items()}, best_uniform=best_u)
     step("uniform factors (search set)")
+    finalists = _finalists(args, search, res, cfg)
+    names = [f"GA #{i + 1}" for i in range(len(finalists))]  # by search fitness
+    candidates = {"no scaling": [1.0] * layers, f"uniform x{best_u:g}": [best_u] * layers,
+                  **{n: individual_factors(e[0], cfg) for n, e in zip(names, finalists)}}
+    verdict, scores = validate_search(model, tok, validation, candidates, f"uniform x{best_u:g}", args.alpha, **kw)
+    pick = max(names, key=lambda n: verdict.candidates[n]["fitness"])
+    if verdict.chosen in names:  # the chosen GA curve is the GA's row even when a rejected one scored higher
+        pick = verdict.chosen
+    ind = finalists[names.index(pick)][0]
+    record["finalists"] = {"individuals": [list(e[0]) for e in finalists], "names": names,
+                           "search_dtype": [e[1] for e in finalists],
+                           "validation": [verdict.candidates[n]["fitness"] for n in names], "chosen": list(ind)}
+    record["validation"] = {"seed": args.validation_seed, "per_position": args.validation_samples, "n": verdict.n,
+                            "dtype": args.heldout_dtype, "alpha": args.alpha, "test": verdict.test,
+                            "candidates": {k: {**verdict.candidates[k], "factors": list(f), "score": scores[k]}
+                                           for k, f in candidates.items()}}
+    record["verdict"] = {"chosen": verdict.chosen, "scaled": verdict.scaled, "line": verdict.line(),
+                         "detectable_difference": verdict.to_json()["detectable"],
+                         "shape_vs_uniform": verdict.shape_vs_uniform}
+    record["ga_best"] = {"name": pick, "individual": list(ind), "factors": individual_factors(ind, cfg),
+                         "control_points": control_points(ind, cfg), "search_fitness": dict(zip(names, record[
+                             "finalists"]["search_dtype"]))[pick], "validation": verdict.candidates[pick]}
+    step("validation (verdict)")
+    print(f"[search] {verdict.line()}", flush=True)
+    return verdict.factors, ind
+
+
+def _heldout_rows(args, model, tok, search, held, ga_factors, freeze, record, step) -> tuple[dict, dict]:
+    """The held-out rows (no scaling, the best uniform factor on the search set, a linear ramp, the GA's
+    pick), each paired against no scaling; recorded in `record`. Returns (rows, factor settings)."""
+    kw, layers = _fitness_kw(args), len(ga_factors)
+    if "best_uniform" not in record:  # no validation step chose it already
+        best_u, ufit = best_uniform_factor(model, tok, search, [float(v) for v in args.uniform.split(",")], layers, **kw)
+        record.update(uniform_search_fitness={str(u): f for u, f in ufit.items()}, best_uniform=best_u)
+        step("uniform factors (search set)")
+    best_u = record["best_uniform"]
     settings = {"no scaling": [1.0] * layers, f"uniform x{best_u:g}": [best_u] * layers,
                 f"linear ramp 1..{args.factor_max:g}": linear_factors([1.0, args.factor_max], layers),
-                _ga_label(args, freeze): factors}
+                _ga_label(args, freeze): ga_factors}
     heldout = evaluate_rows(model, tok, held, settings, **kw)
     step("held-out evaluation")
-    record.update(uniform_search_fitness={str(u): f for u, f in ufit.items()}, best_uniform=best_u,
-                  heldout={"seed": args.heldout_seed, "per_position": args.heldout_samples,
+    record.update(heldout={"seed": args.heldout_seed, "per_position": args.heldout_samples,
                            "dtype": args.heldout_dtype, "results": heldout}, heldout_factors=settings)
     return heldout, settings
 
@@ -834,11 +905,32 @@ def _ga_label(args, freeze) -> str:
     return "GA " + args.curve + (f" (frozen {freeze})" if freeze else "")
 
 
+def prompt_sets(args) -> tuple[list, list, list]:
+    """(search, validation, held-out) prompts: generated from three seeds, or three consecutive row ranges
+    of --data (search, held-out, validation, so held-out rows stay where they were before validation
+    existed); checked disjoint."""
+    search = _examples(args, args.search_samples, args.search_seed)
+    held = _examples(args, args.heldout_samples, args.heldout_seed, args.search_samples if args.data else 0)
+    validation = _examples(args, args.validation_samples, args.validation_seed,
+                           args.search_samples + args.heldout_samples if args.data else 0)
+    check_disjoint(search, held, validation)
+    return search, validation, held
+
+
 def cmd_search(args) -> dict:
     """`python kv_retrieval.py search`: see the section comment; writes OUT (factors JSON) and OUT's .png."""
     started, timings = time.time(), {}
     if args.max_evaluations is not None and args.max_evaluations < 1:
         raise SystemExit(f"--max-evaluations must be at least 1, got {args.max_evaluations}")
+    for name in ("search_samples", "heldout_samples", "validation_samples"):
+        if getattr(args, name) < (1 if name == "search_samples" else 0):
+            raise SystemExit(f"--{name.replace('_', '-')} must be at least {1 if name == 'search_samples' else 0}, "
+                             f"got {getattr(args, name)}")
+    if not 0 < args.alpha < 1:
+        raise SystemExit(f"--alpha must lie in (0, 1), got {args.alpha}")
+    if len({args.search_seed, args.heldout_seed, args.validation_seed}) < 3 and not args.data:
+        raise SystemExit(f"--search-seed, --heldout-seed and --validation-seed must differ, got "
+                         f"{args.search_seed}, {args.heldout_seed}, {args.validation_seed}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     if args.restart and os.path.exists(checkpoint_path(args.out)):
         os.remove(checkpoint_path(args.out))
@@ -861,10 +953,10 @@ def cmd_search(args) -> dict:
     layers = num_layers(model)
     _ga_config(args, layers, freeze if isinstance(freeze, list) else [])  # bad GA settings fail before scoring
     step("model load")
-    search, held = _examples(args, args.search_samples, args.search_seed), _examples(
-        args, args.heldout_samples, args.heldout_seed, args.search_samples if args.data else 0)
-    check_disjoint(search, held)
-    print(f"[search] {layers} layers; {len(search)} search prompts, {len(held)} held-out; {args.dtype}", flush=True)
+    search, validation, held = prompt_sets(args)
+    print(f"[search] {layers} layers; {len(search)} search, {len(validation)} validation and {len(held)} held-out "
+          f"prompts (seeds {args.search_seed}, {args.validation_seed}, {args.heldout_seed}; disjoint); {args.dtype}",
+          flush=True)
     record["search_baseline"] = kv_fitness(model, tok, search, None, **kw).to_json()
     print(f"[search] baseline on the search set: {record['search_baseline']['accuracy']}", flush=True)
     step("baseline (search set)")
@@ -884,38 +976,62 @@ def cmd_search(args) -> dict:
         cached_model.cache_clear()
         model, tok = cached_model(args.model, args.device, args.heldout_dtype)
     cfg = _ga_config(args, layers, freeze)
-    chosen = _rescore_finalists(args, model, tok, search, res, cfg, record)
-    factors = individual_factors(chosen, cfg)
-    step("finalists re-scored")
     record.update(num_layers=layers, frozen=freeze, ga=cfg.to_json(), result=res.to_json())
+    if validation:
+        factors, chosen = _verdict_step(args, model, tok, search, validation, res, cfg, record, step)
+    else:  # no verdict: the GA's pick is written as it is, and the output says so
+        chosen = _rescore_finalists(args, model, tok, search, res, cfg, record)
+        factors = individual_factors(chosen, cfg)
+        record["verdict"] = {"chosen": "GA (not validated)", "scaled": True, "line": "verdict: none -- "
+                             "--validation-samples 0: the GA's best is written unvalidated; it may be noise"}
+        step("finalists re-scored")
+    # control points only where the written factors are a GA curve (not no scaling, not a uniform factor)
+    points = control_points(chosen, cfg) if record["verdict"]["chosen"].startswith("GA") else None
     if not held:  # --heldout-samples 0: the search alone (an experiment judges several runs on one set)
-        save_factors(args.out, factors, control_points=control_points(chosen, cfg), **record, timings_s=timings)
+        save_factors(args.out, factors, control_points=points, **record, timings_s=timings)
+        print(f"[search] wrote {args.out}\n{record['verdict']['line']}", flush=True)
         return record
-    heldout, settings = _heldout_rows(args, model, tok, search, held, factors, freeze, record, step)
+    heldout, settings = _heldout_rows(args, model, tok, search, held, individual_factors(chosen, cfg), freeze,
+                                      record, step)
     record.update(timings_s=timings, wall_s=round(time.time() - started, 1))
-    save_factors(args.out, factors, control_points=control_points(chosen, cfg), **record)
+    save_factors(args.out, factors, control_points=points, **record)
     print(kv_report(heldout))
     plot_kv(f"{os.path.splitext(args.out)[0]}.png", heldout, settings, f"{args.model or 'embedded model'}; "
             f"{args.pairs} pairs; held-out seed {args.heldout_seed}, {args.heldout_samples}/position")
     print(f"[search] wrote {args.out} in {time.time() - started:.0f} s; steps: {timings}")
+    print(record["verdict"]["line"], flush=True)
     return record
 
 
 def cmd_eval(args) -> dict:
-    """`python kv_retrieval.py eval`: held-out accuracy of saved factors, paired against no scaling."""
+    """`python kv_retrieval.py eval`: held-out accuracy of saved factors, paired against no scaling; for a
+    file from a validated search, its verdict beside the rows (and the GA's best as a row of its own when
+    the verdict rejected it)."""
+    import warnings
+
     model, tok = cached_model(args.model, args.device, args.dtype)
     layers = num_layers(model)
-    settings = {"no scaling": [1.0] * layers}
+    settings, doc = {"no scaling": [1.0] * layers}, {}
     if args.factors:
-        settings[args.factors] = load_factors(args.factors, model=model)
+        with warnings.catch_warnings(record=True) as caught:  # the verdict is printed below, with the rows
+            warnings.simplefilter("always")
+            settings[args.factors], doc = load_factors(args.factors, model=model, with_metadata=True)
+        if doc.get("verdict", {}).get("scaled") is False and "ga_best" in doc:
+            settings[f"GA best ({doc['ga_best']['name']}, rejected by the verdict)"] = doc["ga_best"]["factors"]
+        for w in caught:
+            if "verdict" not in str(w.message):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     examples = _examples(args, args.samples, args.seed, args.offset)
     rows = evaluate_rows(model, tok, examples, settings, **_fitness_kw(args))
     print(kv_report(rows))
-    doc = dict(rows[list(settings)[-1]], factors=args.factors, seed=args.seed, samples=args.samples,
-               rows=rows, **run_info(args.device, args.dtype, args.argv))
+    verdict = doc.get("verdict")
+    if verdict:
+        print(f"{args.factors}: {verdict['line']}")
+    out = dict(rows[list(settings)[-1]], factors=args.factors, seed=args.seed, samples=args.samples,
+               rows=rows, verdict=verdict, **run_info(args.device, args.dtype, args.argv))
     if args.json:
-        print(json.dumps(doc))
-    return doc
+        print(json.dumps(out))
+    return out
 
 
 def cmd_sensitivity(args) -> dict:
@@ -965,7 +1081,7 @@ def _weights_arg(s: str):
     return s if s in ("uniform", "middle") else [float(v) for v in s.split(",")]
 
 
-QUICK = dict(pairs=10, positions=3, search_samples=2, heldout_samples=3, scan_samples=1, population=4,
+QUICK = dict(pairs=10, positions=3, search_samples=2, heldout_samples=3, validation_samples=3, scan_samples=1, population=4,
              generations=2, uniform="1.5,2.0", out=os.path.join("results", "quick-kv.json"))
 
 
@@ -1003,16 +1119,22 @@ def _parser():
     s.add_argument("--quick", action="store_true", help="tiny settings for a ~2 minute smoke test")
     for name, default, text in [("search-samples", 4, "search prompts per gold position"),
                                 ("heldout-samples", 10, "held-out prompts per gold position"),
-                                ("search-seed", 1, ""), ("heldout-seed", 2, ""), ("points", 4, "control points"),
+                                ("validation-samples", 40, "validation prompts per gold position: the verdict's "
+                                 "(0: none, the GA's best is written unvalidated)"),
+                                ("search-seed", 1, ""), ("heldout-seed", 2, ""),
+                                ("validation-seed", 5, "a seed no recorded run used for search or held-out prompts"),
+                                ("points", 4, "control points"),
                                 ("scan-samples", 2, "prompts per gold position for the auto scan"),
                                 ("population", 8, ""), ("generations", 4, ""), ("seed", 0, "GA seed"),
-                                ("finalists", 4, "best candidates re-scored in --heldout-dtype"),
+                                ("finalists", 4, "the GA's best distinct candidates, scored on the validation "
+                                 "prompts in --heldout-dtype"),
                                 ("workers", 1, "processes evaluating the population (cuda: one GPU each)"),
                                 ("layers", 30, "layers for --synthetic")]:
         s.add_argument(f"--{name}", type=int, default=default, help=text or None)
     for name, default in [("scan-factor", 2.0), ("max-drop", 0.5), ("factor-min", 1.0), ("factor-max", 2.0),
                           ("factor-step", 0.05), ("eval-delay", 0.0)]:
         s.add_argument(f"--{name}", type=float, default=default)
+    s.add_argument("--alpha", type=float, default=0.05, help="the verdict's level (Holm-corrected over candidates)")
     s.add_argument("--freeze", type=_freeze_arg, default="auto", help="'auto' (layer scan), 'none', or e.g. 16,17")
     s.add_argument("--curve", default="bezier", choices=sorted(CURVES))
     s.add_argument("--search-layers", type=_layers_arg, default=[], metavar="L1,L2,...",

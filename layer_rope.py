@@ -7,6 +7,7 @@ Bezier curve over layer depth, whose few control points a genetic algorithm sear
 (the paper's: key-value retrieval, in kv_retrieval.py). Read top to bottom; the sections follow the paper:
 
   1. RoPE math   2. the patch   3. factors from control points   4. the compact GA
+  5. the verdict: the search's best against no scaling on validation prompts
 
 Imports only the standard library, numpy and torch: it patches transformers models without importing
 transformers (tqdm draws the GA's progress bar when it is installed).
@@ -336,7 +337,8 @@ def save_pretrained(model, folder, factors, tokenizer=None, **kwargs) -> None:
 
 
 def load_factors(path, num_layers: int | None = None, model=None, with_metadata: bool = False):
-    """Factors written by `save_factors`, checked against `num_layers` (or `model`'s depth)."""
+    """Factors written by `save_factors`, checked against `num_layers` (or `model`'s depth). A file whose
+    `verdict` (from a validated search) is no scaling gives all-ones factors, with a warning that says why."""
     try:
         with open(path) as f:
             doc = json.load(f)
@@ -348,6 +350,13 @@ def load_factors(path, num_layers: int | None = None, model=None, with_metadata:
     expected = len(_decoder(model).layers) if model is not None else num_layers
     if expected is not None and len(factors) != expected:
         raise ValueError(f"{path}: factors are for a {len(factors)}-layer model, this model has {expected} layers")
+    verdict = doc.get("verdict")
+    if isinstance(verdict, dict) and verdict.get("scaled") is False:  # a search that found nothing better
+        import warnings
+
+        factors = [1.0] * len(factors)
+        warnings.warn(f"{path}: the search's verdict is no scaling, so these are all-ones factors ({verdict.get('line')}); "
+                      "the GA's best is kept under 'ga_best'", stacklevel=2)
     return (factors, doc) if with_metadata else factors
 
 
@@ -818,7 +827,180 @@ def synthetic_fitness(factors) -> float:
     return float(-np.mean((f - (1.0 + 0.8 * np.exp(-((u - 0.4) / 0.2) ** 2))) ** 2))
 
 # -----------------------------------------------------------------------------
-# 5. Small helpers: checked integers, atomic JSON, the progress bar
+# 5. The verdict: is the search's best better than no scaling on prompts it never selected on?
+#
+# The GA's best is the maximum of many noisy scores, so its search-set fitness is optimistic (the winner's
+# curse): picked by that alone, it is noise as often as signal. The verdict re-scores a few candidates (the
+# GA's distinct finalists, the best uniform factor) and the baseline (no scaling) on validation prompts and
+# keeps a candidate only if it beats the baseline there by a paired test, Holm-corrected over the
+# candidates; among those it takes the best validation fitness. If none qualifies, the verdict is the
+# baseline. Paired: all are scored on the same prompts, so prompt difficulty cancels. Tests: exact McNemar
+# on right/wrong per prompt, or a paired bootstrap of any per-prompt value (e.g. the gold log-prob).
+
+TESTS = ("mcnemar", "bootstrap")
+
+
+def mcnemar_p(only_a: int, only_b: int) -> float:
+    """Exact two-sided McNemar p: 2 P(X <= min(only_a, only_b)), X ~ Binomial(only_a + only_b, 1/2), at most 1.
+    Only the prompts where exactly one side is right count."""
+    d, k = only_a + only_b, min(only_a, only_b)
+    return 1.0 if d == 0 else min(1.0, 2 * sum(math.comb(d, i) for i in range(k + 1)) / 2 ** d)
+
+
+def paired_test(a, b, test: str = "mcnemar", resamples: int = 10000, seed: int = 0) -> dict:
+    """a against b, one value per prompt on the same prompts: the mean difference a - b, its 95% paired
+    bootstrap interval, and p: exact McNemar (values must be 0/1), or the bootstrap's two-sided p,
+    2 min(#{mean* <= 0}, #{mean* >= 0}) + 1) / (resamples + 1)."""
+    if test not in TESTS:
+        raise ValueError(f"test must be one of {TESTS}, got {test!r}")
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.ndim != 1 or a.shape != b.shape or len(a) == 0:
+        raise ValueError(f"a paired test needs two equally long, non-empty 1-d score lists, got {a.shape} and {b.shape}")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("paired scores must be finite")
+    if test == "mcnemar" and not np.isin(np.concatenate([a, b]), (0.0, 1.0)).all():
+        raise ValueError("McNemar's test needs right/wrong (0/1) scores; use test='bootstrap' for other values")
+    diff = a - b
+    means = diff[np.random.default_rng(seed).integers(0, len(diff), (resamples, len(diff)))].mean(axis=1)
+    out = {"difference": float(diff.mean()), "ci95": [float(q) for q in np.quantile(means, [0.025, 0.975])],
+           "n": len(diff)}
+    if test == "mcnemar":
+        out.update(only_a=int(np.sum(diff > 0)), only_b=int(np.sum(diff < 0)))
+        out["p"] = mcnemar_p(out["only_a"], out["only_b"])
+    else:
+        out["p"] = min(1.0, 2 * (min(np.sum(means <= 0), np.sum(means >= 0)) + 1) / (resamples + 1))
+    return out
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values: the i-th smallest p times (m - i), running maximum, at most 1.
+    Rejecting where adjusted p <= alpha keeps the chance of any false rejection <= alpha."""
+    order, out, running = np.argsort(pvalues, kind="stable"), [1.0] * len(pvalues), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, float(pvalues[i]) * (len(pvalues) - rank)))
+        out[i] = running
+    return out
+
+
+def detectable_difference(n: int, discordant: float | None = None, sd: float | None = None, alpha: float = 0.05,
+                          power: float = 0.8, comparisons: int = 1) -> float:
+    """The smallest true mean difference a two-sided paired test on n prompts detects with `power` at level
+    alpha / comparisons (Holm's strictest step); inf if none can be.
+
+    Right/wrong scores (McNemar; Connor 1987's normal approximation): with psi the fraction of prompts
+    where the two differ, n = (z_a sqrt(psi) + z_b sqrt(psi - d^2))^2 / d^2, solved for d <= psi.
+    Per-prompt values (bootstrap, normal approximation): d = (z_a + z_b) sd / sqrt(n)."""
+    from statistics import NormalDist
+
+    n = check_int("n", n, 1)
+    z_a, z_b = NormalDist().inv_cdf(1 - alpha / comparisons / 2), NormalDist().inv_cdf(power)
+    if (discordant is None) == (sd is None):
+        raise ValueError("give exactly one of discordant (McNemar) or sd (bootstrap)")
+    if sd is not None:
+        return (z_a + z_b) * float(sd) / math.sqrt(n)
+    psi = float(discordant)
+    if not 0 <= psi <= 1:
+        raise ValueError(f"discordant is a fraction of prompts, got {discordant}")
+    gap = lambda d: (z_a * math.sqrt(psi) + z_b * math.sqrt(max(psi - d * d, 0.0))) / math.sqrt(n) - d
+    if psi == 0 or gap(psi) > 0:
+        return math.inf
+    lo, hi = 0.0, psi  # gap falls from > 0 at d = 0 to <= 0 at d = psi
+    for _ in range(60):
+        lo, hi = ((lo + hi) / 2, hi) if gap((lo + hi) / 2) > 0 else (lo, (lo + hi) / 2)
+    return hi
+
+
+@dataclasses.dataclass
+class Verdict:
+    """What `validated_choice` decided, with every candidate's validation scores and paired statistics."""
+
+    chosen: str  # a candidate's name, or the baseline's: no candidate beat it
+    factors: list
+    baseline: str
+    test: str
+    alpha: float
+    n: int
+    candidates: dict  # name -> fitness, difference, ci95, p, p_holm, beats_baseline (and only_a / only_b)
+    detectable: float  # the smallest difference these n prompts detect (80% power, alpha / candidates)
+    shape_vs_uniform: dict | None = None  # the chosen curve against the best uniform candidate, same test
+
+    @property
+    def scaled(self) -> bool:
+        return self.chosen != self.baseline
+
+    def line(self) -> str:
+        """The verdict in one plain line."""
+        best = max((k for k in self.candidates if k != self.baseline), key=lambda k: self.candidates[k]["fitness"],
+                   default=None)
+        name = self.chosen if self.scaled else best
+        detect = "none" if not math.isfinite(self.detectable) else f"{self.detectable:.3f}"
+        if name is None:
+            return f"verdict: {self.baseline} (no candidates)"
+        c = self.candidates[name]
+        stats = (f"{c['difference']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}] vs {self.baseline} on "
+                 f"{self.n} validation prompts, Holm p = {c['p_holm']:.3g}; detectable difference {detect}")
+        if not self.scaled:
+            return f"verdict: {self.baseline} -- no candidate beat it (best: {name}, {stats})"
+        shape = ""
+        if self.shape_vs_uniform is not None:
+            s = self.shape_vs_uniform
+            shape = (f"; vs {s['uniform']}: {s['difference']:+.3f} [{s['ci95'][0]:+.3f}, {s['ci95'][1]:+.3f}], "
+                     f"p = {s['p']:.3g}, {'better' if s['beats_uniform'] else 'not better'}")
+        return f"verdict: {name} ({stats}){shape}"
+
+    def to_json(self) -> dict:
+        doc = dataclasses.asdict(self)
+        doc["detectable"] = self.detectable if math.isfinite(self.detectable) else None
+        return dict(doc, scaled=self.scaled, line=self.line())
+
+
+def validated_choice(validate: Callable, candidates: dict, baseline: str = "no scaling", test: str = "mcnemar",
+                     alpha: float = 0.05, uniform: str | None = None, seed: int = 0) -> Verdict:
+    """The verdict over `candidates` ({name: factors}, the baseline among them) on validation prompts.
+
+    validate: factors -> (fitness, per-prompt scores) on the same validation prompts every call, called once
+        per candidate in the candidates' order; fitness ranks the qualifying candidates, the scores are
+        paired (0/1 right/wrong for McNemar).
+    A candidate qualifies iff its mean score beats the baseline's and its Holm-adjusted p (over all
+    candidates but the baseline) is <= alpha. `uniform`: the name of the best uniform factor among the
+    candidates; when a layer-specific candidate is chosen, it is tested against that one the same way.
+    """
+    if baseline not in candidates:
+        raise ValueError(f"the baseline {baseline!r} must be one of the candidates {list(candidates)}")
+    if uniform is not None and uniform not in candidates:
+        raise ValueError(f"uniform {uniform!r} is not one of the candidates {list(candidates)}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+    scored = {}
+    for name, factors in candidates.items():
+        fitness, scores = validate(check_factors(factors))
+        scored[name] = (float(fitness), np.asarray(scores, dtype=np.float64))
+    base = scored[baseline][1]
+    others = [k for k in candidates if k != baseline]
+    stats = {k: paired_test(scored[k][1], base, test, seed=seed) for k in others}
+    adjusted = holm([stats[k]["p"] for k in others])
+    table = {baseline: {"fitness": scored[baseline][0], "mean": float(base.mean())}}
+    for k, p_holm in zip(others, adjusted):
+        table[k] = {"fitness": scored[k][0], "mean": float(scored[k][1].mean()), **stats[k], "p_holm": p_holm,
+                    "beats_baseline": bool(stats[k]["difference"] > 0 and p_holm <= alpha)}
+    winners = [k for k in others if table[k]["beats_baseline"]]
+    chosen = max(winners, key=lambda k: table[k]["fitness"]) if winners else baseline
+    if test == "mcnemar":  # the typical noise: the median fraction of prompts where a candidate and the baseline differ
+        spread = dict(discordant=float(np.median([(stats[k]["only_a"] + stats[k]["only_b"]) / len(base)
+                                                  for k in others])) if others else 0.0)
+    else:
+        spread = dict(sd=float(np.median([np.std(scored[k][1] - base, ddof=1) if len(base) > 1 else 0.0
+                                           for k in others])) if others else 0.0)
+    detectable = detectable_difference(len(base), alpha=alpha, comparisons=max(1, len(others)), **spread)
+    shape = None
+    if uniform is not None and chosen not in (baseline, uniform):
+        s = paired_test(scored[chosen][1], scored[uniform][1], test, seed=seed)
+        shape = dict(s, uniform=uniform, beats_uniform=bool(s["difference"] > 0 and s["p"] <= alpha))
+    return Verdict(chosen, list(candidates[chosen]), baseline, test, alpha, len(base), table, detectable, shape)
+
+
+# -----------------------------------------------------------------------------
+# 6. Small helpers: checked integers, atomic JSON, the progress bar
 
 def check_int(name: str, value, minimum: int | None = None) -> int:
     """value as an int, or TypeError/ValueError naming `name` (bools are not integers here)."""

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 
@@ -110,22 +111,36 @@ def test_quick_search_and_eval_end_to_end(tmp_path):
     out = tmp_path / "quick.json"
     r = cli("search", "--quick", "--out", str(out), "--no-progress", timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    factors, doc = lr.load_factors(str(out), with_metadata=True)
-    assert len(factors) == 30 and len(doc["control_points"]) == 4
-    assert all(factors[l] == 1.0 for l in doc["frozen"])
+    assert r.stdout.strip().splitlines()[-1].startswith("verdict: ")  # the search ends with its verdict
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a no-scaling verdict's warning: tested in test_verdict.py
+        factors, doc = lr.load_factors(str(out), with_metadata=True)
+    assert len(factors) == 30
+    assert list(doc["timings_s"]) == ["model load", "baseline (search set)", "sensitivity scan", "GA",
+                                      "uniform factors (search set)", "validation (verdict)", "held-out evaluation"]
+    assert doc["dtype"] == harness.default_dtype("cpu") and doc["heldout"]["dtype"] == "float32"
+    # the verdict: on the validation prompts (seed 5), the GA's distinct finalists, the best uniform, no scaling
+    val, verdict, fin, best = doc["validation"], doc["verdict"], doc["finalists"], doc["ga_best"]
+    assert val["seed"] == 5 and val["n"] == 9 and val["dtype"] == "float32" and val["test"] == "mcnemar"
+    assert list(val["candidates"]) == ["no scaling", f"uniform x{doc['best_uniform']:g}", *fin["names"]]
+    assert fin["validation"] == [val["candidates"][n]["fitness"] for n in fin["names"]]
+    assert fin["search_dtype"] == sorted(fin["search_dtype"], reverse=True)
+    assert verdict["line"] == r.stdout.strip().splitlines()[-1]
+    if verdict["scaled"]:
+        assert factors == val["candidates"][verdict["chosen"]]["factors"]
+        assert val["candidates"][verdict["chosen"]]["beats_baseline"]
+    else:
+        assert factors == [1.0] * 30 and doc["control_points"] is None
+        assert not any(c.get("beats_baseline") for c in val["candidates"].values())
+    cfg = lr.GAConfig(**doc["ga"])
+    assert best["factors"] == lr.individual_factors(fin["chosen"], cfg) and fin["chosen"] in fin["individuals"]
+    assert all(best["factors"][l] == 1.0 for l in doc["frozen"])
     res = doc["heldout"]["results"]
     assert list(res)[0] == "no scaling" and len(res) == 4
     assert all(set(v["accuracy"]) == {"0", "4", "9"} for v in res.values())
+    ga_row = [k for k in res if k.startswith("GA")][0]
+    assert doc["heldout_factors"][ga_row] == best["factors"]  # the held-out GA row is the GA's pick
     assert (tmp_path / "quick.png").exists()
-    assert list(doc["timings_s"]) == ["model load", "baseline (search set)", "sensitivity scan", "GA",
-                                      "finalists re-scored", "uniform factors (search set)", "held-out evaluation"]
-    assert doc["dtype"] == harness.default_dtype("cpu") and doc["heldout"]["dtype"] == "float32"
-    fin = doc["finalists"]
-    assert len(fin["float32"]) == len(fin["individuals"]) >= 1 and fin["chosen"] in fin["individuals"]
-    # a float32 search (a CPU without native bfloat16) is not scored again in float32: its scores are kept
-    assert fin["rescored"] == (doc["dtype"] != "float32")
-    assert fin["rescored"] or fin["float32"] == fin["search_dtype"]
-    assert factors == lr.individual_factors(fin["chosen"], lr.GAConfig(**doc["ga"]))
     race = doc["racing"]
     assert 0 < race["prompts_scored"] <= race["prompts_without_racing"]
     for name, row in res.items():  # every held-out row: intervals per position, paired against no scaling
@@ -135,37 +150,49 @@ def test_quick_search_and_eval_end_to_end(tmp_path):
     assert sum(doc["timings_s"].values()) <= doc["wall_s"] + 0.5
     r = cli("eval", "--factors", str(out), "--pairs", "10", "--positions", "3", "--samples", "3", "--json")
     assert r.returncode == 0, r.stderr[-3000:]
+    assert verdict["line"] in r.stdout  # beside the held-out rows
     ev = json.loads(r.stdout.strip().splitlines()[-1])
-    ga = [v for k, v in res.items() if k.startswith("GA")][0]
-    assert ev["accuracy"] == ga["accuracy"]  # same held-out prompts (seed 2), same factors
-    assert ev["accuracy_ci95"] == ga["accuracy_ci95"] and ev["vs_baseline"] == ga["vs_baseline"]
+    # eval's last row: the file's factors, or the GA's best when the verdict rejected it
+    same = ga_row if not verdict["scaled"] or verdict["chosen"].startswith("GA") else f"uniform x{doc['best_uniform']:g}"
+    assert ev["accuracy"] == res[same]["accuracy"]  # same held-out prompts (seed 2), same factors
+    assert ev["accuracy_ci95"] == res[same]["accuracy_ci95"] and ev["vs_baseline"] == res[same]["vs_baseline"]
     assert ev["rows"]["no scaling"]["correct"] == res["no scaling"]["correct"]
+    assert ev["verdict"] == verdict
 
 
-FAULTS = """
-import resource, sys, torch
+MALLINFO = """
+import ctypes, sys, torch
 import harness
+class MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+if not hasattr(libc, "mallinfo2"):
+    raise SystemExit(3)
+libc.mallinfo2.restype = MallInfo2
 if sys.argv[1] == "kept" and not harness.keep_freed_memory():
     raise SystemExit(3)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(20):  # a batch's activation buffer, freed and allocated again
-    torch.empty(32 << 20, dtype=torch.uint8).fill_(1)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+before = libc.mallinfo2()
+x = torch.empty(64 << 20, dtype=torch.uint8)  # a batch's activation buffer, above glibc's largest mmap threshold
+after = libc.mallinfo2()
+print(after.hblkhd - before.hblkhd, after.arena - before.arena)
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
-def test_keep_freed_memory_stops_faulting_freed_buffers_in_again():
+def test_keep_freed_memory_serves_large_buffers_from_the_heap():
+    """What keep_freed_memory changes, read from glibc's own accounting (mallinfo2), not from the kernel: by
+    default a 64 MiB buffer is a fresh mmap (unmapped when freed, so the next batch faults it in again);
+    kept, it comes from the heap, which is not trimmed. The page-fault figure this saves depends on the
+    machine's page reclaim: benchmarks/bench_malloc.py measures it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    faults = {}
+    grew = {}
     for mode in ("default", "kept"):
-        p = subprocess.run([sys.executable, "-c", FAULTS, mode], env=env, capture_output=True, text=True)
+        p = subprocess.run([sys.executable, "-c", MALLINFO, mode], env=env, capture_output=True, text=True)
         if p.returncode == 3:
-            pytest.skip("not glibc")
+            pytest.skip("not glibc >= 2.33")
         assert p.returncode == 0, p.stderr
-        faults[mode] = int(p.stdout.split()[-1])
-    # default: every 32 MiB buffer is mmap'd, faulted in page by page and unmapped (20 x 8192 pages);
-    # kept: the first one's pages are reused
-    assert faults["default"] > 20 * 4096, faults
-    assert faults["kept"] < faults["default"] / 5, faults
+        grew[mode] = [int(v) for v in p.stdout.split()[-2:]]  # (mmapped bytes, heap bytes) added
+    assert grew["default"][0] >= 64 << 20, grew
+    assert grew["kept"][0] == 0 and grew["kept"][1] >= 32 << 20, grew  # (the heap may hold some free space already)
