@@ -839,19 +839,21 @@ class Sorted:
     examples: list
     gold_path: list
     forwards: int  # forward passes per prompt spent measuring (the answer's pass not included)
+    attention: np.ndarray | None = None  # the first measurement, on the prompts as given (record_attention's)
 
 
 def attention_sort(model, tok, examples, iterations: int = SORT_ITERATIONS, batch_size: int = 8) -> Sorted:
     """Attention sorting (see the section comment): `iterations` rounds of measuring record_attention and putting
     the most attended records last (sum over layers and heads). Score the returned examples to answer."""
     lr.check_int("iterations", iterations, 1)
-    current, path = list(examples), [[ex.gold_index] for ex in examples]
+    current, path, first = list(examples), [[ex.gold_index] for ex in examples], None
     for _ in range(iterations):
-        att = record_attention(model, tok, current, batch_size).sum(axis=(1, 2))
-        current = [reorder(ex, a) for ex, a in zip(current, att)]
+        att = record_attention(model, tok, current, batch_size)
+        first = att if first is None else first
+        current = [reorder(ex, a) for ex, a in zip(current, att.sum(axis=(1, 2)))]
         for p, ex in zip(path, current):
             p.append(ex.gold_index)
-    return Sorted(current, path, iterations)
+    return Sorted(current, path, iterations, first)
 
 
 def position_bias(model, tok, examples, batch_size: int = 8) -> np.ndarray:
@@ -879,9 +881,10 @@ def calibrated_relevance(attention: np.ndarray, bias: np.ndarray) -> np.ndarray:
 def calibrated_rerank(model, tok, examples, bias: np.ndarray, batch_size: int = 8) -> Sorted:
     """The records ordered by calibrated relevance summed over layers and heads, most relevant last (one measuring
     pass per prompt). Score the returned examples to answer."""
-    rel = calibrated_relevance(record_attention(model, tok, examples, batch_size), bias).sum(axis=(1, 2))
+    att = record_attention(model, tok, examples, batch_size)
+    rel = calibrated_relevance(att, bias).sum(axis=(1, 2))
     current = [reorder(ex, r) for ex, r in zip(examples, rel)]
-    return Sorted(current, [[a.gold_index, b.gold_index] for a, b in zip(examples, current)], 1)
+    return Sorted(current, [[a.gold_index, b.gold_index] for a, b in zip(examples, current)], 1, att)
 
 
 @dataclasses.dataclass
