@@ -39,6 +39,15 @@ import harness  # noqa: E402
 import kv_retrieval as kv  # noqa: E402
 import layer_rope as lr  # noqa: E402
 
+# issue 35's rows (baselines.py, section 3): attention sorting, and the positional-bias calibration's rerank and
+# attention intervention. They reorder or re-weight the prompts themselves, so they are scored `ATTENTION_CHUNK`
+# prompts at a time with a checkpoint. The calibration's bias comes from CALIBRATION prompts per gold position
+# (a task's `calibration`) of CALIBRATION_SEED, a seed no search (1), held-out (2) or validation (5) set uses,
+# measured once per task into OUT/position-bias.json. SORT_ROUNDS: the rounds the rows use (baselines'
+# default is 5: 6 passes per prompt, more than the shared 2-core CPU allowed; 1 round is 2 passes).
+ATTENTION_ROWS = ("attention sort", "calibrated rerank", "calibrated attention")
+CALIBRATION, CALIBRATION_SEED, ATTENTION_CHUNK, SORT_ROUNDS = 20, 3, 50, 1
+
 TASKS = {  # search/held-out prompts per gold position, GA population x generations, GA runs
     "short": dict(filler=0, search=20, heldout=100, population=20, generations=11,
                   runs={"ga-middle-seed0": ["--weights", "middle", "--seed", "0"],
@@ -95,7 +104,8 @@ TASKS = {  # search/held-out prompts per gold position, GA population x generati
 # the curve's 12 x 9). float32 throughout; rows scored and checkpointed 50 prompts at a time.
 TASKS["gemma"] = dict(model="gemma3-270m", pairs=75, filler=0, search=10, heldout=50, population=12, generations=9,
                       search_dtype="float32", batch_size=10, chunk=50, out=os.path.join("gemma3-270m", "lim-json75"),
-                      baselines=("uniform", "Ms-PoE (score order)", "query-aware prompt", "hidden-state scaling"),
+                      baselines=("uniform", "Ms-PoE (score order)", "query-aware prompt", "hidden-state scaling",
+                                 *ATTENTION_ROWS), calibration=10,
                       runs={"ga-middle-seed0": ["--weights", "middle", "--seed", "0", "--race", "--freeze", "none"],
                             "global-middle-seed0": ["--weights", "middle", "--seed", "0", "--race",
                                                     "--search-layers", "5,11,17", "--factor-max", "4",
@@ -108,7 +118,7 @@ TASKS["edge-gpu"] = dict(TASKS["edge"], search=20, heldout=100, population=20, g
 UNIFORM = [1.05, 1.1, 1.25, 1.5, 2.0]  # a task's default `uniform` candidates
 # a task's default comparison rows; the last three are issue 24's fixes known to work where Ms-PoE fails
 BASELINES = ("uniform", "linear ramp 1..2", "Ms-PoE (score order)", "Ms-PoE (fixed order)", "query-aware prompt",
-             "hidden-state scaling", "query-aware + GA factors")
+             "hidden-state scaling", "query-aware + GA factors", *ATTENTION_ROWS)
 BEST = {"short": "smollm2-135m-kv.json", "long": "smollm2-135m-longkv.json",  # under results/: a task's factors
         "edge": "smollm2-135m-edgekv.json", "gemma": "gemma3-270m-kv.json"}
 
@@ -174,11 +184,31 @@ def _patched(model, how):
         yield
 
 
+def _answer(model, tok, part, how, batch_size):
+    """(scores of the prompts `part`, where each gold was answered, the attention the prompts as given received
+    (baselines.record_attention, averaged over heads: (prompts, layers, records) float32) or None): scored as
+    they are, or attention-sorted (how["sort"] rounds), reranked or answered with calibrated attention
+    (how["calibrate"], with how["bias"])."""
+    if how.get("sort"):
+        done = baselines.attention_sort(model, tok, part, how["sort"], batch_size)
+    elif how.get("calibrate") == "rerank":
+        done = baselines.calibrated_rerank(model, tok, part, how["bias"], batch_size)
+    elif how.get("calibrate") == "attention":
+        rel = baselines.calibrated_relevance(baselines.record_attention(model, tok, part, batch_size), how["bias"])
+        with baselines.calibrated_attention(model, tok, part, rel):
+            return kv.score_kv(model, tok, part, batch_size=batch_size), [ex.gold_index for ex in part], None
+    else:
+        return kv.score_kv(model, tok, part, batch_size=batch_size), [ex.gold_index for ex in part], None
+    return (kv.score_kv(model, tok, done.examples, batch_size=batch_size), [ex.gold_index for ex in done.examples],
+            done.attention.mean(axis=2).astype(np.float32))
+
+
 def score(path, model, tok, held, how, baseline=None, batch_size=8, chunk=None):
     """One held-out row, cached in `path`: kv_fitness JSON, its wall seconds and the paired comparison to
     `baseline`. how: factors / mspoe / hidden (see _patched), query_aware (the same prompts with the
-    question before the data too). With `chunk`, prompts are scored `chunk` at a time and each chunk's
-    scores are kept in PATH.partial.json, so a killed row resumes where it stopped."""
+    question before the data too), sort / calibrate (see _answer; such a row records where each gold was
+    answered, answered_gold_index, and its forward passes per prompt). With `chunk`, prompts are scored `chunk`
+    at a time and each chunk's scores are kept in PATH.partial.json, so a killed row resumes where it stopped."""
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
@@ -190,12 +220,22 @@ def score(path, model, tok, held, how, baseline=None, batch_size=8, chunk=None):
     with _patched(model, how):
         while len(done["scores"]) < len(held):
             started, part = time.time(), held[len(done["scores"]):len(done["scores"]) + step]
-            done["scores"] += [dataclasses.astuple(s) for s in kv.score_kv(model, tok, part, batch_size=batch_size)]
+            scores, answered, att = _answer(model, tok, part, how, batch_size)
+            if att is not None:  # kept beside the row: experiments/attention_diagnosis.py reads it
+                npz = path.replace(".json", ".attention.npz")
+                old = np.load(npz)["attention"][:len(done["scores"])] if done["scores"] else att[:0]
+                np.savez_compressed(npz, attention=np.concatenate([old, att]))
+            done["scores"] += [dataclasses.astuple(s) for s in scores]
+            done.setdefault("answered_gold_index", []).extend(answered)
             done["seconds"] += time.time() - started
             if chunk:
                 lr.write_json(partial, done)
     fit = kv.fitness_of(held, [kv.KVScore(*s) for s in done["scores"]])
     row = dict(fit.to_json(), seconds=round(done["seconds"], 1))
+    if how.get("sort") or how.get("calibrate"):  # the passes per prompt: measuring, then the answer's
+        row.update(answered_gold_index=done["answered_gold_index"],
+                   forwards_per_prompt=1 + (how.get("sort") or 1), settings={
+                       k: how[k] for k in ("sort", "calibrate", "calibration") if k in how})
     if baseline is not None:
         row["vs_baseline"] = kv.paired_comparison(fit, kv.KVFitness.from_json(baseline))
     lr.write_json(path, row)
@@ -240,6 +280,10 @@ def baseline_rows(args, task, best_u, layers) -> dict:
             if args.task in BEST:
                 plan[name] = dict(query_aware=True, factors=lr.load_factors(
                     os.path.join(ROOT, "results", BEST[args.task]), num_layers=layers))
+        elif name == "attention sort":
+            plan[f"attention sort ({SORT_ROUNDS} rounds)"] = dict(sort=SORT_ROUNDS)
+        elif name in ("calibrated rerank", "calibrated attention"):  # how["bias"]: main() measures it when needed
+            plan[name] = dict(calibrate=name.split()[1], calibration=task.get("calibration", CALIBRATION))
         elif name == "hidden-state scaling":  # the channel and scale found for this model, if recorded
             hidden = position_channel(args)
             if hidden is not None:
@@ -300,6 +344,7 @@ def main():
     search_set, held = prompt_sets(task)
 
     model, tok = harness.load_model(args.model, "float32", args.device)
+    args.model_obj = model  # report(): the scorer's answer prefixes depend on the model
     layers = lr.num_layers(model)
     chunk = task.get("chunk")
     rows = {"no scaling": score(row_path(args.out, "no scaling"), model, tok, held, {},
@@ -322,12 +367,45 @@ def main():
         if skip and not os.path.exists(file):
             continue
         fresh = not os.path.exists(file)
-        rows[name] = score(file, model, tok, held, how, rows["no scaling"], args.batch_size, chunk)
+        if how.get("calibrate") and fresh:
+            how["bias"] = calibration_bias(args, task, model, tok, search_set, held)
+        rows[name] = score(file, model, tok, held, how, rows["no scaling"], args.batch_size,
+                           chunk or (ATTENTION_CHUNK if how.get("sort") or how.get("calibrate") else None))
         print(f"{name}: {rows[name]['mean_accuracy']:.3f}", flush=True)
         if fresh:  # after every newly scored row: a killed run leaves its table so far
-            report(args, task, rows, searched, held)
-    report(args, task, rows, searched, held)
+            report(args, task, rows, searched, held, tok)
+    report(args, task, rows, searched, held, tok)
     save_best(args, searched, rows)  # once every run is in: a partial table must not choose the task's factors
+
+
+def calibration_bias(args, task, model, tok, search_set, held):
+    """(layers, heads, records) the positional attention bias of the calibrated rows (baselines.position_bias) on
+    the task's calibration prompts (seed CALIBRATION_SEED, checked disjoint from the search and held-out sets),
+    measured once into OUT/position-bias.json."""
+    path = os.path.join(args.out, "position-bias.json")
+    if not os.path.exists(path):
+        n = task.get("calibration", CALIBRATION)
+        calib = kv.kv_sets(task.get("pairs", 20), 5, n, CALIBRATION_SEED, filler=task["filler"])
+        kv.check_disjoint(search_set, calib)
+        kv.check_disjoint(held, calib)
+        started = time.time()
+        bias = baselines.position_bias(model, tok, calib, args.batch_size)
+        lr.write_json(path, {"prompts_per_position": n, "seed": CALIBRATION_SEED, "prompts": len(calib),
+                             "seconds": round(time.time() - started, 1), "shape": list(bias.shape),
+                             "bias": bias.tolist()})
+    with open(path) as f:
+        return np.array(json.load(f)["bias"])
+
+
+def prompt_lengths(tok, model, held) -> dict:
+    """min and max tokens a held-out prompt is scored on (kv_retrieval.prompt_ids + the gold answer's tokens,
+    each of the scorer's answer prefixes), plain and query-aware prompts."""
+    out = {}
+    for name, qa in (("plain", False), ("query_aware", True)):
+        n = [len(kv.prompt_ids(tok, dataclasses.replace(ex, query_aware=qa))) + len(kv.encode(tok, p + ex.value))
+             for ex in held for p in kv.answer_prefixes(model)]
+        out[name] = {"min": min(n), "max": max(n)}
+    return out
 
 
 def save_best(args, searched, rows):
@@ -369,7 +447,7 @@ def logprob_report(rows, baseline="no scaling"):
     return text, lp
 
 
-def report(args, task, rows, searched, held):
+def report(args, task, rows, searched, held, tok):
     positions = sorted(rows["no scaling"]["accuracy"], key=int)
     n = len(held) // len(positions)
     text = kv.kv_report(rows)
@@ -380,8 +458,10 @@ def report(args, task, rows, searched, held):
                 + text + "\n\nThe gold value's log-probability (summed over its tokens), the same prompts:\n\n"
                 + lp_text + "\n")
     lr.write_json(os.path.join(args.out, "summary.json"), {
-        "task": task, **harness.run_info(args.device, "float32 (held-out)"), "rows": {
-            k: {**{x: v[x] for x in ("accuracy", "accuracy_ci95", "mean_accuracy", "vs_baseline", "seconds") if x in v},
+        "task": task, **harness.run_info(args.device, "float32 (held-out)"),
+        "prompt_tokens": prompt_lengths(tok, args.model_obj, held), "rows": {
+            k: {**{x: v[x] for x in ("accuracy", "accuracy_ci95", "mean_accuracy", "vs_baseline", "seconds",
+                                     "forwards_per_prompt") if x in v},
                 "logprob_vs_baseline": {x: y for x, y in lp[k].items() if x.startswith("logprob")} if k in lp else None}
             for k, v in rows.items()},
         "searches": {k: {"control_points": doc.get("control_points"), "factors": f, "frozen": doc.get("frozen"),

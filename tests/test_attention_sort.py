@@ -199,3 +199,37 @@ def test_refusals(tok):
         bl.record_attention(tiny("olmo2", "eager", vocab_size=VOCAB), tok, exs)
     with pytest.raises(ValueError, match="no dummy"):
         bl.position_bias(model, tok, exs[:1])
+
+
+def test_driver_rows(tok, tmp_path):
+    """experiments/lost_in_the_middle.py: `--rows` can name each new row; a sort row records where each gold was
+    answered, its passes per prompt and the attention it measured first; a calibrated row uses the bias given."""
+    import argparse
+    import importlib.util
+    import json
+    import os
+
+    spec = importlib.util.spec_from_file_location("lim", os.path.join(os.path.dirname(__file__), os.pardir,
+                                                                       "experiments", "lost_in_the_middle.py"))
+    lim = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lim)
+    plan = lim.baseline_rows(argparse.Namespace(task="short", model=None), lim.TASKS["short"], None, 30)
+    names = [n for n in plan if n.startswith(("attention sort", "calibrated"))]
+    assert names == [f"attention sort ({lim.SORT_ROUNDS} rounds)", "calibrated rerank", "calibrated attention"]
+    model = planted_model(tok)
+    exs = planted_examples([0, 2, 4])
+    base = lim.score(str(tmp_path / "none.json"), model, tok, exs, {}, batch_size=2)
+    path = str(tmp_path / "sort.json")
+    row = lim.score(path, model, tok, exs, dict(sort=1), base, batch_size=2, chunk=2)
+    assert row["answered_gold_index"] == [5, 5, 5] and row["forwards_per_prompt"] == 2
+    assert row["vs_baseline"]["n"] == 3 and json.load(open(path)) == row
+    att = np.load(path.replace(".json", ".attention.npz"))["attention"]
+    np.testing.assert_allclose(att, bl.record_attention(model, tok, exs).mean(axis=2), rtol=1e-6)
+    bias = np.zeros((1, 4, 6))
+    bias[..., 1] = -10.0  # a bias this negative makes the record at position 1 the most relevant: last, gold next
+    row = lim.score(str(tmp_path / "rr.json"), model, tok, exs, dict(calibrate="rerank", bias=bias), base)
+    assert row["answered_gold_index"] == [4, 4, 4] and row["forwards_per_prompt"] == 2
+    lengths = lim.prompt_lengths(tok, model, exs)
+    assert lengths["plain"]["min"] <= lengths["plain"]["max"] < lengths["query_aware"]["max"]
+    assert lengths["plain"]["min"] == min(len(kv.prompt_ids(tok, ex)) + len(kv.encode(tok, " " + ex.value))
+                                          for ex in exs)
