@@ -136,6 +136,8 @@ def test_every_experiment_run_is_a_valid_search_command(task):
     for name, flags in spec["runs"].items():
         args = kv._parser()[0].parse_args(lim.search_argv(name, flags, spec, ns))
         assert args.pairs == spec.get("pairs", 20) and args.heldout_samples == 0
+        assert args.validation_seed == lim.VALIDATION_SEED not in (args.search_seed, args.heldout_seed)
+        assert args.validation_samples == spec.get("validation", lim.VALIDATION) >= 1
         freeze = args.freeze if isinstance(args.freeze, list) else []
         cfg = kv._ga_config(args, layers, freeze)
         # the task's GA size, unless the run's own flags (last on the line, so they win) set another
@@ -286,3 +288,17 @@ def test_ray_pool_gives_the_same_result():
     finally:
         ray.shutdown()
     assert res.to_json() == ref.to_json()
+
+
+def test_verdict_replay_takes_each_recorded_search_s_finalists_as_search_does():
+    """--replay-verdict's candidates: each recorded run's distinct finalists, best first, the first being the
+    run's own best individual -- no model needed."""
+    lim = _experiment()
+    for task in ("short", "long", "gemma"):
+        for name, doc in lim.recorded_runs(task).items():
+            fin = lim.recorded_finalists(doc)
+            cfg = lr.GAConfig(**doc["ga"])
+            assert 1 <= len(fin) <= doc["settings"]["finalists"]
+            assert fin[0][1] == lr.individual_factors(doc["finalists"]["individuals"][0], cfg), name
+            assert len({tuple(f) for _, f, _ in fin}) == len(fin)  # distinct factors
+            assert [s for _, _, s in fin] == sorted((s for _, _, s in fin), reverse=True)
