@@ -712,7 +712,7 @@ def _table_factors(args, num_layers: int) -> tuple[list[float], str]:
     lost-in-the-middle search of the embedded model (the profile for any other model)."""
     path = args.factors
     if path is None:
-        searched = os.path.join(HERE, "results", "default-search-kv.json")
+        searched = os.path.join(HERE, "results", "first-search-kv.json")
         path = searched if args.model is None and os.path.exists(searched) else "profile"
     if path == "profile":
         return (default_extrapolation_factors(num_layers, args.profile_depth, args.profile_top),
@@ -904,7 +904,7 @@ def build_parser():
                    help="also run every example with this haystack (e.g. pydoc, for prose perplexity)")
     t.add_argument("--factors", default=None,
                    help="layer factors file (save_factors format), or 'profile' (default_extrapolation_"
-                        "factors); default: results/default-search-kv.json for the embedded model, "
+                        "factors); default: results/first-search-kv.json (the first, small search) for the embedded model, "
                         "else the profile")
     t.add_argument("--profile-depth", type=float, default=16 / 29,
                    help="the profile's retrieval-critical depth (default 16/29: SmolLM2's layer 16)")

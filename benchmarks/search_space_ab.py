@@ -1,4 +1,4 @@
-# (a) vs (b), run from the repo root after `python layer_rope.py search --freeze 16`: python benchmarks/search_space_ab.py
+# (a) vs (b), run from the repo root on the first, small search (results/first-search-kv.json): python benchmarks/search_space_ab.py
 """(a) vs (b): the GA's random initial population and its best curve, scored with and without the frozen layers."""
 import json, os, sys, time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -6,7 +6,7 @@ import harness  # noqa: E402
 import kv_retrieval as kv  # noqa: E402
 import layer_rope as lr  # noqa: E402
 t0 = time.time()
-_, doc = lr.load_factors("results/default-search-kv.json", with_metadata=True)
+_, doc = lr.load_factors("results/first-search-kv.json", with_metadata=True)
 ga = doc["ga"]
 cfg_b = lr.GAConfig(**{**ga, "freeze": tuple(ga["freeze"])})
 cfg_a = lr.GAConfig(**{**ga, "freeze": ()})
@@ -26,4 +26,4 @@ json.dump({"what": "GA initial population (random cubic Beziers, seed %d) scored
            "(no frozen layers) and (b) (layers %s frozen at 1.0); and the GA-found curve on the held-out set "
            "without its frozen layers" % (ga["seed"], ga["freeze"]), "initial_population": rows,
            "ga_best_unfrozen_heldout": ha, "wall_s": time.time() - t0},
-          open("results/default-search-kv-space-a.json", "w"), indent=1)
+          open("results/first-search-kv-space-a.json", "w"), indent=1)
