@@ -7,7 +7,10 @@ the outputs of a full (QUICK unset) run, which `test_committed_outputs` checks w
 """
 
 import glob
+import importlib
 import os
+import re
+import subprocess
 import sys
 import time
 
@@ -68,3 +71,93 @@ def test_committed_outputs(path):
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "QUICK = False" in text and "QUICK = True" not in text, "outputs are not from a full (QUICK unset) run"
     assert any("image/png" in o.get("data", {}) for o in outputs), "no embedded PNG plot"
+
+
+# -- the prose names only what exists ------------------------------------------------------------------------
+# Markdown cells (and README.md) mention project names as `alias.name` and commands as `python <file> <word>`.
+# Both drift when code moves; these tests resolve every mention against the code as it is.
+
+ALIASES = {"lr": "layer_rope", "layer_rope": "layer_rope", "kv": "kv_retrieval", "kv_retrieval": "kv_retrieval",
+           "harness": "harness", "baselines": "baselines", "ex": "extrapolation", "extrapolation": "extrapolation",
+           "ref": "reference_numpy", "reference_numpy": "reference_numpy", "lim": "lost_in_the_middle",
+           "lost_in_the_middle": "lost_in_the_middle", "length_scan": "length_scan"}
+NAME = re.compile(r"(?<![\w./])(" + "|".join(sorted(ALIASES, key=len, reverse=True)) + r")\.([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)")
+COMMAND = re.compile(r"\bpython3?\s+([\w./-]+\.py)((?:\s+[^\s`|]+)*)")
+FILE_SUFFIXES = ("py", "md", "json", "jsonl", "png", "ipynb", "sh", "txt")
+
+
+def _markdown_sources():
+    """(label, text) of every notebook's markdown cells, and of README.md."""
+    out = [(f"{os.path.basename(p)} cell {i}", c.source) for p in NOTEBOOKS
+           for i, c in enumerate(nbformat.read(p, as_version=4).cells) if c.cell_type == "markdown"]
+    with open(os.path.join(ROOT, "README.md")) as f:
+        out.append(("README.md", f.read()))
+    return out
+
+
+def _module(name):
+    sys.path[:0] = [ROOT, os.path.join(ROOT, "experiments")]
+    try:
+        return importlib.import_module(ALIASES[name])
+    finally:
+        del sys.path[:2]
+
+
+def _positional_choices(path):
+    """The first positional argument's choices of a script's CLI (its sub-commands), from its --help;
+    None if it takes no positional argument."""
+    out = subprocess.run([sys.executable, path, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, f"{path} --help failed:\n{out.stderr[-2000:]}"
+    section = out.stdout.split("positional arguments:", 1)
+    if len(section) == 1:
+        return None
+    m = re.search(r"^\s+\{([^}]*)\}", section[1], re.M)
+    return set(m.group(1).split(",")) if m else set()
+
+
+def test_markdown_names_resolve():
+    """Every `alias.name` in the markdown (lr.scaled, kv.kv_fitness, ex.paired_differences, ...) exists."""
+    missing = []
+    for label, text in _markdown_sources():
+        for alias, dotted in set(NAME.findall(text)):
+            if dotted.split(".")[0] in FILE_SUFFIXES:
+                continue  # a file name (layer_rope.py), not an attribute
+            obj = _module(alias)
+            for part in dotted.split("."):
+                if not hasattr(obj, part):
+                    missing.append(f"{label}: {alias}.{dotted}")
+                    break
+                obj = getattr(obj, part)
+    assert not missing, "markdown names that do not exist:\n" + "\n".join(sorted(missing))
+
+
+def test_markdown_commands_exist():
+    """Every `python <file> <word>` in the markdown names a file that exists and, where the word is not an
+    option, one of that script's sub-commands (or positional choices)."""
+    bad, choices = [], {}
+    for label, text in _markdown_sources():
+        for path, rest in COMMAND.findall(text):
+            if not os.path.isfile(os.path.join(ROOT, path)):
+                bad.append(f"{label}: python {path}: no such file")
+                continue
+            words = rest.split()
+            if not words or words[0].startswith(("-", "<")):
+                continue  # options only, or a placeholder (<task>)
+            if path not in choices:
+                choices[path] = _positional_choices(path)
+            if choices[path] is None or words[0] not in choices[path]:
+                bad.append(f"{label}: python {path} {words[0]}: not one of {sorted(choices[path] or [])}")
+    assert not bad, "markdown commands that do not exist:\n" + "\n".join(sorted(set(bad)))
+
+
+def test_markdown_links_exist():
+    """Relative links in the notebooks' markdown and README.md ([text](path)) point at files that exist."""
+    bad = []
+    for label, text in _markdown_sources():
+        base = ROOT if label == "README.md" else NB_DIR
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue
+            if not os.path.exists(os.path.normpath(os.path.join(base, target.split("#")[0]))):
+                bad.append(f"{label}: {target}")
+    assert not bad, "links to files that do not exist:\n" + "\n".join(bad)
