@@ -922,6 +922,7 @@ class Verdict:
     n: int
     candidates: dict  # name -> fitness, difference, ci95, p, p_holm, beats_baseline (and only_a / only_b)
     detectable: float  # the smallest difference these n prompts detect (80% power, alpha / candidates)
+    noise: dict  # what `detectable` assumed: the median discordant fraction (McNemar) or sd of differences
     shape_vs_uniform: dict | None = None  # the chosen curve against the best uniform candidate, same test
 
     @property
@@ -929,24 +930,29 @@ class Verdict:
         return self.chosen != self.baseline
 
     def line(self) -> str:
-        """The verdict in one plain line."""
-        best = max((k for k in self.candidates if k != self.baseline), key=lambda k: self.candidates[k]["fitness"],
-                   default=None)
-        name = self.chosen if self.scaled else best
-        detect = "none" if not math.isfinite(self.detectable) else f"{self.detectable:.3f}"
-        if name is None:
+        """The verdict in one plain line: what was chosen (or, for the baseline, the best candidate it kept
+        out), its validation difference from the baseline with interval and Holm p, and what n can detect."""
+        others = [k for k in self.candidates if k != self.baseline]
+        if not others:
             return f"verdict: {self.baseline} (no candidates)"
+        name = self.chosen if self.scaled else max(others, key=lambda k: self.candidates[k]["fitness"])
         c = self.candidates[name]
+        if math.isfinite(self.detectable):
+            detect = f"detectable difference {self.detectable:.3f}"
+        elif "discordant" in self.noise:
+            detect = (f"no gain is detectable: the candidates differ from {self.baseline} on "
+                      f"{self.noise['discordant']:.0%} of the prompts, too few at this n")
+        else:
+            detect = "no gain is detectable at this n"
         stats = (f"{c['difference']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}] vs {self.baseline} on "
-                 f"{self.n} validation prompts, Holm p = {c['p_holm']:.3g}; detectable difference {detect}")
+                 f"{self.n} validation prompts, Holm p = {c['p_holm']:.3g}; {detect}")
         if not self.scaled:
             return f"verdict: {self.baseline} -- no candidate beat it (best: {name}, {stats})"
-        shape = ""
         if self.shape_vs_uniform is not None:
             s = self.shape_vs_uniform
-            shape = (f"; vs {s['uniform']}: {s['difference']:+.3f} [{s['ci95'][0]:+.3f}, {s['ci95'][1]:+.3f}], "
-                     f"p = {s['p']:.3g}, {'better' if s['beats_uniform'] else 'not better'}")
-        return f"verdict: {name} ({stats}){shape}"
+            stats += (f"; vs {s['uniform']}: {s['difference']:+.3f} [{s['ci95'][0]:+.3f}, {s['ci95'][1]:+.3f}], "
+                      f"p = {s['p']:.3g}, {'better' if s['beats_uniform'] else 'not better'}")
+        return f"verdict: {name} ({stats})"
 
     def to_json(self) -> dict:
         doc = dataclasses.asdict(self)
@@ -996,7 +1002,7 @@ def validated_choice(validate: Callable, candidates: dict, baseline: str = "no s
     if uniform is not None and chosen not in (baseline, uniform):
         s = paired_test(scored[chosen][1], scored[uniform][1], test, seed=seed)
         shape = dict(s, uniform=uniform, beats_uniform=bool(s["difference"] > 0 and s["p"] <= alpha))
-    return Verdict(chosen, list(candidates[chosen]), baseline, test, alpha, len(base), table, detectable, shape)
+    return Verdict(chosen, list(candidates[chosen]), baseline, test, alpha, len(base), table, detectable, spread, shape)
 
 
 # -----------------------------------------------------------------------------
