@@ -8,13 +8,13 @@ on a task's held-out prompts, next to whether the answer was right (issue 35, it
 
 For every held-out prompt of the task (the same prompts as experiments/lost_in_the_middle.py's rows: 5 gold
 positions, seed 2) baselines.record_attention measures the attention the last prompt position pays to each
-record (summed over its tokens), per layer and head, in float32: without scaling, and with the task's committed
-LPES factors (results/BEST[task], `lr.scaled`). The gold record's rank among the records (1 = most attended),
-per layer and summed over layers and heads, is split by gold position and by the answer of the same setting's
-recorded row (rows/none.json; rows/<the factors' selected run>.json), right or wrong. The measurements are kept
-(attention-<setting>.npz: prompts x layers x records, averaged over heads) and measured a chunk at a time, so
-a killed run resumes. Where the driver's attention-sort row kept its first measurement of the same prompts
-(rows/attention_sort_*.attention.npz, no scaling), it is reused.
+record (summed over its tokens), per layer and head, in float32 (or --dtype): without scaling, and with the
+task's committed LPES factors (results/BEST[task], `lr.scaled`). The gold record's rank among the records (1 =
+most attended), per layer and summed over layers and heads, is split by gold position and by the answer of the
+same setting's recorded row (rows/none.json; rows/<the factors' selected run>.json), right or wrong. The
+measurements are kept (attention-<setting>-<dtype>.npz: prompts x layers x records, averaged over heads) and
+measured a chunk at a time, so a killed run resumes. Where the driver's attention-sort row kept its first
+measurement of the same prompts (rows/attention_sort_*.attention.npz, no scaling, float32), it is reused.
 
 Outputs under OUT: table.md, summary.json, ranks.png.
 """
@@ -122,6 +122,8 @@ def main():
     ap.add_argument("task", choices=sorted(TASKS))
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--settings", nargs="+", default=["no scaling", "LPES"], choices=["no scaling", "LPES"])
+    ap.add_argument("--dtype", default="float32", choices=sorted(harness.DTYPES), help="the measuring passes' "
+                    "dtype (the answers are the recorded float32 rows')")
     args = ap.parse_args()
     harness.keep_freed_memory()
     task = TASKS[args.task]
@@ -130,7 +132,7 @@ def main():
     os.makedirs(out, exist_ok=True)
     held = held_out(task)
     gold = np.array([ex.gold_index for ex in held])
-    model, tok = harness.load_model(task["model"], "float32", "cpu")
+    model, tok = harness.load_model(task["model"], args.dtype, "cpu")
     factors_file = os.path.join(ROOT, "results", task["factors"])
     selected = lr.load_factors(factors_file, with_metadata=True)[1]["selected"]["run"]
     results = {}
@@ -140,14 +142,15 @@ def main():
             row = json.load(f)
         if row["gold_index"] != gold.tolist():
             raise ValueError(f"{row_file} was not scored on these held-out prompts")
-        path = os.path.join(out, f"attention-{'none' if name == 'no scaling' else 'lpes'}.npz")
-        reuse = sorted(glob.glob(os.path.join(rows_dir, "attention_sort_*.attention.npz")))
-        if name == "no scaling" and not os.path.exists(path) and reuse and \
+        path = os.path.join(out, f"attention-{'none' if name == 'no scaling' else 'lpes'}-{args.dtype}.npz")
+        reuse = sorted(glob.glob(os.path.join(rows_dir, "attention_sort_*.attention.npz")))  # float32, as rows are
+        if name == "no scaling" and args.dtype == "float32" and not os.path.exists(path) and reuse and \
                 len(np.load(reuse[0])["attention"]) == len(held):
             np.savez_compressed(path, attention=np.load(reuse[0])["attention"])
         factors = None if name == "no scaling" else lr.load_factors(factors_file, model=model)
         att = measure(path, model, tok, held, args.batch_size or task["batch_size"], factors)
         results[name] = dict(row=os.path.relpath(row_file, ROOT), mean_accuracy=row["mean_accuracy"],
+                             measured=os.path.relpath(path, ROOT), dtype=args.dtype,
                              breakdown=breakdown(att, gold, np.array(row["correct"], dtype=bool)))
         if name == "LPES":
             results[name]["factors"] = f"results/{task['factors']} (selected run {selected})"
@@ -161,7 +164,8 @@ def main():
                                               f"{np.mean(d['top1_by_layer']):.2f}"]))
     model_name = task["model"] or "SmolLM2-135M"
     text = (f"{model_name}, {args.task} task: {len(held)} held-out prompts ({task['heldout']} per gold position, "
-            f"seed 2, {records} records); attention of the last prompt position, float32. 'most attended': the "
+            f"seed 2, {records} records); attention of the last prompt position, measured in {args.dtype} (answers: "
+            "the float32 rows). 'most attended': the "
             "gold record gets more attention than each other record (summed over its tokens; layers and heads "
             "summed); rank 1 = most attended; best layer: the layer where the gold is most often the most "
             "attended (heads averaged)\n\n" + harness.markdown_table(
@@ -170,7 +174,7 @@ def main():
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(text + "\n")
     lr.write_json(os.path.join(out, "summary.json"), {"task": args.task, "model": model_name,
-                                                      **harness.run_info("cpu", "float32"), "results": results},
+                                                      **harness.run_info("cpu", args.dtype), "results": results},
                   indent=1)
     plot(os.path.join(out, "ranks.png"), results,
          f"{model_name}, {args.task} task: is the gold record the most attended by the last prompt position?",
