@@ -12,8 +12,9 @@ Every step is skipped when its output exists, each GA search resumes from its ch
 `chunk` scores its held-out rows `chunk` prompts at a time into rows/<row>.partial.json, so the same
 command continues a killed run. Under OUT (results/lim-<task>/, or the task's `out` under results/):
   1. search-<run>.json   one GA search each (`python kv_retrieval.py search ... --heldout-samples 0`:
-                         the task's search dtype, bfloat16 unless it says otherwise; finalists re-scored in
-                         float32)
+                         the task's search dtype, bfloat16 unless it says otherwise; its verdict on the
+                         task's validation prompts, seed 5, in float32). Searches recorded before the
+                         verdict existed have none: `--replay-verdict` says what it would have been
   2. uniform.json        the best uniform factor on the search set (of the task's `uniform` candidates)
   3. rows/<row>.json     each row scored on the one held-out set in float32, paired against no scaling
   4. table.md, summary.json, accuracy.png
@@ -68,7 +69,7 @@ TASKS = {  # search/held-out prompts per gold position, GA population x generati
     # issue 13's GPU run (experiments/gpu_run.sh): population >= 32, >= 20 generations, 200 / 500 prompts
     "gpu": dict(filler=0, search=40, heldout=100, population=32, generations=20,
                 runs={f"ga-middle-seed{i}": ["--weights", "middle", "--seed", str(i)] for i in range(3)}),
-    "smoke": dict(filler=0, search=1, heldout=1, population=3, generations=2,  # checks the pipeline in ~2 min
+    "smoke": dict(filler=0, search=1, heldout=1, validation=1, population=3, generations=2,  # checks the pipeline in ~2 min
                   runs={"ga-middle-seed0": ["--weights", "middle", "--seed", "0", "--scan-samples", "1"]}),
     "long": dict(filler=1, search=10, heldout=50, population=12, generations=10,  # seed 0 ran with racing
                  runs={"ga-middle-seed0": ["--weights", "middle", "--seed", "0", "--race"],
@@ -86,7 +87,7 @@ TASKS = {  # search/held-out prompts per gold position, GA population x generati
     # machine: fast on a GPU or a CPU with AMX / AVX512-BF16, ~5x slower than float32 on AVX2-only CPUs), rows
     # in float32, scored and checkpointed 10 prompts at a time, batch 5 (racing checks after every batch, one
     # prompt per gold position). Sized for one short GPU call (experiments/gpu_run.sh, STEPS=edge).
-    "edge": dict(filler=14, search=5, heldout=20, population=12, generations=6, search_dtype="bfloat16",
+    "edge": dict(filler=14, search=5, heldout=20, validation=20, population=12, generations=6, search_dtype="bfloat16",
                  batch_size=5, chunk=10, uniform=[1.02, 1.05, 1.1, 1.2],
                  baselines=("uniform", "Ms-PoE (score order)", "query-aware prompt", "hidden-state scaling"),
                  runs={"ga-middle-seed0": ["--weights", "middle", "--seed", "0", "--race", "--freeze", "16"],
@@ -116,6 +117,10 @@ TASKS["gemma"] = dict(model="gemma3-270m", pairs=75, filler=0, search=10, heldou
 TASKS["edge-gpu"] = dict(TASKS["edge"], search=20, heldout=100, population=20, generations=10, batch_size=25,
                          chunk=None, runs={k: v for k, v in TASKS["edge"]["runs"].items() if k != "ga-logprob-seed0"})
 UNIFORM = [1.05, 1.1, 1.25, 1.5, 2.0]  # a task's default `uniform` candidates
+# the verdict's validation prompts per gold position (a task's `validation`, else this), of a seed no task's
+# search (1) or held-out (2) prompts use. Searches recorded before the verdict existed have none: the
+# verdict they would have had is experiments/verdict_replay.py's
+VALIDATION, VALIDATION_SEED = 50, 5
 # a task's default comparison rows; the last three are issue 24's fixes known to work where Ms-PoE fails
 BASELINES = ("uniform", "linear ramp 1..2", "Ms-PoE (score order)", "Ms-PoE (fixed order)", "query-aware prompt",
              "hidden-state scaling", "query-aware + GA factors", *ATTENTION_ROWS)
@@ -156,6 +161,7 @@ def search_argv(name, flags, task, args) -> list:
             "--pairs", str(task.get("pairs", 20)), "--filler", str(task["filler"]),
             "--search-samples", str(task["search"]), "--heldout-samples", "0",
             "--population", str(task["population"]), "--generations", str(task["generations"]),
+            "--validation-samples", str(task.get("validation", VALIDATION)), "--validation-seed", str(VALIDATION_SEED),
             "--batch-size", str(args.batch_size), "--device", args.device, "--dtype", args.search_dtype,
             *(["--model", args.model] if args.model else []), *flags]
 
@@ -324,6 +330,10 @@ def main():
     ap.add_argument("--searches-only", action="store_true", help="run or resume the GA searches (of --runs), "
                     "nothing else: no held-out rows, no report")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--replay-verdict", action="store_true", help="what the validated verdict would have said "
+                    "about the task's recorded searches (resumes), and the table of every task replayed so far")
+    ap.add_argument("--replay-dtype", default="float32", choices=sorted(harness.DTYPES),
+                    help="--replay-verdict's scoring dtype (float32: the report's; bfloat16 where a CPU has AMX)")
     args = ap.parse_args()
     if args.device == "cpu":
         harness.keep_freed_memory()  # this process scores the held-out rows
@@ -337,6 +347,9 @@ def main():
     args.model = args.model or task.get("model")
     args.out = args.out or default_out(args.task)
     os.makedirs(os.path.join(args.out, "rows"), exist_ok=True)
+    if args.replay_verdict:
+        replay_verdict(args)
+        return
     if args.searches_only:
         for name in args.runs or task["runs"]:
             search(name, task["runs"][name], task, args)
@@ -412,8 +425,9 @@ def save_best(args, searched, rows):
     """results/BEST[task]: of the runs with the paper's fitness (middle-weighted accuracy) and a held-out
     row, the one whose chosen finalist scored best in float32 on the search set. Held-out rows do not take
     part in the choice; the chosen run's row is recorded beside it."""
-    def search_fitness(doc):
-        return max(doc["finalists"][doc["settings"]["heldout_dtype"]])
+    def search_fitness(doc):  # a search with a verdict ranks its finalists on the validation prompts instead
+        fin = doc["finalists"]
+        return max(fin.get(doc["settings"]["heldout_dtype"]) or fin["validation"])
 
     runs = {name: doc for name, (_, doc) in searched.items() if name in rows
             and doc["settings"]["weights"] == "middle" and doc["settings"]["objective"] == "accuracy"
@@ -476,6 +490,200 @@ def report(args, task, rows, searched, held, tok):
     kv.plot_kv(os.path.join(args.out, "accuracy.png"), rows, factor_sets,
                f"{args.model or 'SmolLM2-135M'}, {args.task} task (filler {task['filler']}): {n} held-out prompts per position")
     print(text)
+
+
+# -----------------------------------------------------------------------------
+# The verdict, replayed (issue 34): what kv_retrieval.py search's validated selection would have said about
+# every search recorded before it existed, beside what those searches' factors then did held out.
+#
+#   python experiments/lost_in_the_middle.py short --replay-verdict     (resumes; also long, gemma)
+#
+# For each recorded search of the task: its distinct finalists (the run's best --finalists by search fitness,
+# as `search` takes them), the task's best uniform factor (uniform.json) and no scaling are scored (float32,
+# or --replay-dtype) on validation prompts of VALIDATION_SEED (checked disjoint from the search and held-out sets), with the
+# run's own prompt (plain or query-aware), position weights and objective; layer_rope.validated_choice
+# decides. Every score is cached per (prompt set, variant, factors) in results/verdict-replay/scores-<task>.json
+# as soon as it is measured (a killed run resumes; no scaling and the uniform factor are scored once per
+# task). The held-out side is read from the task's rows/; a verdict that picks a finalist without a held-out
+# row gets that row scored on the held-out prompts. Writes results/verdict-replay/<task>.json and table.md.
+
+REPLAY_OUT = os.path.join(ROOT, "results", "verdict-replay")
+REPLAY_PER_POSITION = {"short": 20, "long": 20, "gemma": 20, "edge": 20}  # validation prompts per gold position
+
+
+def recorded_runs(task: str) -> dict:
+    """{run name: search JSON} of the task's finished searches, in the task's order."""
+    runs = {}
+    for name in TASKS[task]["runs"]:
+        path = os.path.join(default_out(task), f"search-{name}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                runs[name] = json.load(f)
+    return runs
+
+
+def recorded_finalists(doc: dict) -> list:
+    """The run's distinct finalists as `search` takes them (kv_retrieval._finalists): (name, factors, search fitness)."""
+    cfg = lr.GAConfig(**doc["ga"])
+    res = lr.GAResult(None, None, None, None, [], [(tuple(e[0]), *e[1:]) for e in doc["result"]["evaluations"]])
+    n = doc["search_baseline"]["n"]
+    picked = kv._finalists(argparse.Namespace(finalists=doc["settings"]["finalists"]), [None] * n, res, cfg)
+    return [(f"GA #{i + 1}", lr.individual_factors(e[0], cfg), e[1]) for i, e in enumerate(picked)]
+
+
+class ScoreCache:
+    """KVScore tuples per (set, prompt variant, factors), kept in one JSON file, written after each score."""
+
+    def __init__(self, path):
+        self.path = path
+        self.doc = json.load(open(path)) if os.path.exists(path) else {}
+
+    def scores(self, key: str, model, tok, examples, factors, batch_size) -> list:
+        if key not in self.doc:
+            started = time.time()
+            with lr.scaled(model, factors):
+                scores = kv.score_kv(model, tok, examples, batch_size=batch_size)
+            self.doc[key] = {"scores": [dataclasses.astuple(s) for s in scores], "seconds": round(time.time() - started, 1)}
+            lr.write_json(self.path, self.doc)
+            print(f"  scored {key} ({len(examples)} prompts, {time.time() - started:.0f} s)", flush=True)
+        return [kv.KVScore(*s) for s in self.doc[key]["scores"]]
+
+
+def replay_task(task_name: str, model, tok, batch_size: int, dtype: str) -> dict:
+    task = TASKS[task_name]
+    search_set, held = prompt_sets(task)
+    pairs, per_position = task.get("pairs", 20), REPLAY_PER_POSITION[task_name]
+    plain = kv.kv_sets(pairs, 5, per_position, VALIDATION_SEED, filler=task["filler"])
+    kv.check_disjoint(search_set, held, plain)
+    cache = ScoreCache(os.path.join(REPLAY_OUT, f"scores-{task_name}.json"))
+    layers = lr.num_layers(model)
+    with open(os.path.join(default_out(task_name), "uniform.json")) as f:
+        best_u = json.load(f)["best"]
+    out = {"task": task_name, "validation": {"seed": VALIDATION_SEED, "per_position": per_position,
+                                             "n": len(plain), "dtype": dtype}, "runs": {}}
+    for run, doc in recorded_runs(task_name).items():
+        s = doc["settings"]
+        qa = bool(s.get("query_aware"))
+        variant = "query-aware" if qa else "plain"
+        validation = [dataclasses.replace(ex, query_aware=True) for ex in plain] if qa else plain
+        fin = recorded_finalists(doc)
+        candidates = {"no scaling": [1.0] * layers, f"uniform x{best_u:g}": [best_u] * layers,
+                      **{name: f for name, f, _ in fin}}
+        fits = {}
+        print(f"[{task_name}] {run}: {len(candidates)} candidates on {len(validation)} {variant} validation prompts",
+              flush=True)
+
+        def validate(factors, names=iter(candidates)):
+            name = next(names)
+            key = f"validation/{dtype}/{variant}/{json.dumps([round(x, 6) for x in factors])}"
+            fit = kv.fitness_of(validation, cache.scores(key, model, tok, validation, factors, batch_size),
+                                s["weights"], s["objective"])
+            fits[name] = fit
+            return fit.fitness, fit.correct if s["objective"] == "accuracy" else fit.logprobs
+
+        verdict = lr.validated_choice(validate, candidates, "no scaling",
+                                      "mcnemar" if s["objective"] == "accuracy" else "bootstrap",
+                                      0.05, f"uniform x{best_u:g}")
+        recorded = doc["factors"]
+        held_rows = {"recorded factors": _held_row(task_name, run)}
+        held_rows[f"uniform x{best_u:g}"] = _held_row(task_name, f"uniform x{best_u:g}")
+        chosen_held = None
+        if verdict.scaled:
+            if verdict.factors == recorded:
+                chosen_held = held_rows["recorded factors"]
+            elif verdict.chosen.startswith("uniform"):
+                chosen_held = held_rows[verdict.chosen]
+            else:  # a finalist the recorded run did not pick: score it held out, paired against no scaling
+                key = f"heldout/{dtype}/{variant}/{json.dumps([round(x, 6) for x in verdict.factors])}"
+                ex = [dataclasses.replace(e, query_aware=True) for e in held] if qa else held
+                fit = kv.fitness_of(ex, cache.scores(key, model, tok, ex, verdict.factors, batch_size))
+                base = kv.KVFitness.from_json(_held_row(task_name, "no scaling"))
+                chosen_held = dict(fit.to_json(), vs_baseline=kv.paired_comparison(fit, base))
+        pick = max((n for n, _, _ in fin), key=lambda n: verdict.candidates[n]["fitness"])
+        out["runs"][run] = {
+            "prompt": variant, "objective": s["objective"], "weights": s["weights"],
+            "candidates": {k: {**{x: y for x, y in verdict.candidates[k].items()}, "factors": candidates[k],
+                               "search_fitness": next((sf for n, _, sf in fin if n == k), None)} for k in candidates},
+            "verdict": verdict.to_json(), "ga_pick_by_validation": pick,
+            "recorded_is_finalist": next((n for n, f, _ in fin if f == recorded), None),
+            "heldout": {k: _summary(v) for k, v in held_rows.items()},
+            "heldout_of_verdict": _summary(chosen_held) if chosen_held else None}
+        print(f"[{task_name}] {run}: {verdict.line()}", flush=True)
+    lr.write_json(os.path.join(REPLAY_OUT, f"{task_name}.json"), out, indent=1)
+    return out
+
+
+def _held_row(task_name: str, name: str) -> dict:
+    with open(row_path(default_out(task_name), name)) as f:
+        return json.load(f)
+
+
+def _summary(row: dict) -> dict:
+    return {"mean_accuracy": row["mean_accuracy"], "n": row["n"], "vs_baseline": row["vs_baseline"]}
+
+
+def _diff(vs) -> str:
+    if not vs:
+        return "-"
+    return f"{vs['difference']:+.3f} [{vs['ci95'][0]:+.3f}, {vs['ci95'][1]:+.3f}], p = {vs['mcnemar_p']:.2g}"
+
+
+def replay_table(results: dict) -> str:
+    """One row per recorded search: the verdict (the chosen candidate, or the best GA finalist it rejected,
+    with its validation difference from no scaling), the held-out result of the factors the search recorded
+    and of the verdict's choice, and whether the guard would have protected a user."""
+    rows = []
+    for task_name, doc in results.items():
+        for run, r in doc["runs"].items():
+            v = r["verdict"]
+            shown = v["chosen"] if v["scaled"] else r["ga_pick_by_validation"]
+            c = r["candidates"][shown]
+            val = f"{shown}: {c['difference']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}], Holm p = {c['p_holm']:.2g}"
+            said = f"**{v['chosen']}** ({val})" if v["scaled"] else f"no scaling (its best finalist, {val})"
+            detect = "-" if v["detectable"] is None else f"{v['detectable']:.3f}"
+            held, after = r["heldout"]["recorded factors"], r["heldout_of_verdict"]
+            rows.append([f"{task_name}: {run}" + (" (query-aware)" if r["prompt"] == "query-aware" else ""),
+                         f"{doc['validation']['n']}", said, detect, _diff(held["vs_baseline"]),
+                         "0 (no scaling)" if not v["scaled"] else _diff(after["vs_baseline"]),
+                         _agreement(v, held, after)])
+    return harness.markdown_table(["recorded search", "validation n", "verdict (vs no scaling on validation)",
+                                   "detectable", "held out: recorded factors vs no scaling",
+                                   "held out: the verdict's choice", "the guard"], rows)
+
+
+def _agreement(v, held, after) -> str:
+    """Would the guard have protected the user? Held-out significance: exact McNemar p < 0.05."""
+    lost = held["vs_baseline"]["difference"] < 0 and held["vs_baseline"]["mcnemar_p"] < 0.05
+    if not v["scaled"]:
+        return "rejected factors that lost held out" if lost else "rejected; held out they were neutral"
+    vs = after["vs_baseline"]
+    if vs["difference"] < 0 and vs["mcnemar_p"] < 0.05:
+        return "**passed factors that lost held out**"
+    return "passed; held out they gained" if vs["difference"] > 0 and vs["mcnemar_p"] < 0.05 else \
+        "passed; held out they were neutral"
+
+
+def replay_verdict(args):
+    """--replay-verdict: replay the task (unless --report-only), then table.md of every task replayed so far."""
+    os.makedirs(REPLAY_OUT, exist_ok=True)
+    if args.task not in REPLAY_PER_POSITION:
+        raise SystemExit(f"--replay-verdict: no validation size set for the {args.task} task "
+                         f"({', '.join(REPLAY_PER_POSITION)})")
+    if not args.report_only:
+        model, tok = harness.load_model(args.model, args.replay_dtype, args.device)
+        replay_task(args.task, model, tok, args.batch_size, args.replay_dtype)
+    results = {}
+    for name in REPLAY_PER_POSITION:
+        path = os.path.join(REPLAY_OUT, f"{name}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                results[name] = json.load(f)
+    with open(os.path.join(REPLAY_OUT, "table.md"), "w") as f:
+        f.write("What the verdict would have said about every recorded search (validation seed "
+                f"{VALIDATION_SEED}; the dtype of each task's file; exact McNemar or, for the log-prob objective, a paired bootstrap; "
+                "Holm over each run's candidates, alpha = 0.05), beside the held-out result (exact McNemar).\n\n"
+                + replay_table(results) + "\n")
+    print(replay_table(results))
 
 
 if __name__ == "__main__":
