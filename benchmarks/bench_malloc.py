@@ -3,8 +3,12 @@ harness.keep_freed_memory() (mallopt: freed activation buffers are kept, not unm
 zeroed pages), alternating A/B so that machine load hits both alike.
 
     python benchmarks/bench_malloc.py [--pairs 2] [--prompts 16] [--repeats 3]
+    python benchmarks/bench_malloc.py --buffers      # no model: 20 freed-and-reallocated 32 MiB buffers
 
-Prints each run's CPU seconds (user + sys), minor page faults and wall time, and the median CPU-time ratio.
+Prints each run's CPU seconds (user + sys), minor page faults and wall time, and the median CPU-time and
+page-fault ratios. The fault counts depend on the kernel's page reclaim (they differ between machines), which
+is why they live here and not in a test; tests/test_cli.py checks the machine-independent part (glibc serves
+the buffer from the heap, per mallinfo2).
 """
 
 import argparse
@@ -36,6 +40,31 @@ print(json.dumps({"cpu_s": r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime
 """
 
 
+BUFFERS = """
+import json, resource, sys, torch
+import harness
+if sys.argv[1] == "tuned" and not harness.keep_freed_memory():
+    raise SystemExit("mallopt is not available (not glibc)")
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):  # a batch's activation buffer, freed and allocated again
+    torch.empty(32 << 20, dtype=torch.uint8).fill_(1)
+print(json.dumps({"minflt": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}))
+"""
+
+
+def buffers(pairs):
+    """Minor page faults of 20 freed-and-reallocated 32 MiB buffers, default vs tuned, alternating."""
+    env = {k: v for k, v in dict(os.environ, PYTHONPATH=ROOT).items() if k not in MALLOC_ENV}
+    faults = {"default": [], "tuned": []}
+    for _ in range(pairs):
+        for name in faults:
+            out = subprocess.run([sys.executable, "-c", BUFFERS, name], env=env, check=True, capture_output=True,
+                                 text=True).stdout
+            faults[name].append(json.loads(out.strip().splitlines()[-1])["minflt"])
+    print(f"minor faults, 20 x 32 MiB buffers: default {faults['default']}, tuned {faults['tuned']}; median ratio "
+          f"default / tuned {statistics.median(d / max(t, 1) for d, t in zip(faults['default'], faults['tuned'])):.1f}")
+
+
 def run(name, prompts, repeats):
     env = {k: v for k, v in dict(os.environ, PYTHONPATH=ROOT).items() if k not in MALLOC_ENV}
     out = subprocess.run([sys.executable, "-c", CHILD, str(prompts), str(repeats), name], env=env, check=True,
@@ -48,7 +77,11 @@ def main():
     ap.add_argument("--pairs", type=int, default=2)
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--buffers", action="store_true", help="the buffer measurement alone (no model)")
     args = ap.parse_args()
+    if args.buffers:
+        buffers(max(args.pairs, 3))
+        return
     results = {"default": [], "tuned": []}
     for _ in range(args.pairs):
         for name in ("default", "tuned"):
@@ -57,7 +90,8 @@ def main():
             print(f"{name:8s} cpu {r['cpu_s']:6.1f} s  wall {r['wall_s']:6.1f} s  minor faults {r['minflt']:>9,d}"
                   f"  ({r['dtype']}, {args.repeats} x {args.prompts} prompts)", flush=True)
     ratio = statistics.median(d["cpu_s"] / t["cpu_s"] for d, t in zip(results["default"], results["tuned"]))
-    print(f"median CPU-time ratio default / tuned over {args.pairs} pairs: {ratio:.3f}")
+    faults = statistics.median(d["minflt"] / max(t["minflt"], 1) for d, t in zip(results["default"], results["tuned"]))
+    print(f"median CPU-time ratio default / tuned over {args.pairs} pairs: {ratio:.3f}; minor-fault ratio {faults:.1f}")
 
 
 if __name__ == "__main__":
