@@ -124,6 +124,8 @@ def main():
     ap.add_argument("--settings", nargs="+", default=["no scaling", "LPES"], choices=["no scaling", "LPES"])
     ap.add_argument("--dtype", default="float32", choices=sorted(harness.DTYPES), help="the measuring passes' "
                     "dtype (the answers are the recorded float32 rows')")
+    ap.add_argument("--per-position", type=int, default=None, help="only the first N held-out prompts of each "
+                    "gold position (default: all)")
     args = ap.parse_args()
     harness.keep_freed_memory()
     task = TASKS[args.task]
@@ -131,7 +133,8 @@ def main():
     rows_dir = os.path.join(ROOT, "results", task["rows"], "rows")
     os.makedirs(out, exist_ok=True)
     held = held_out(task)
-    gold = np.array([ex.gold_index for ex in held])
+    keep = [i for i in range(len(held)) if args.per_position is None or i % task["heldout"] < args.per_position]
+    held, gold = [held[i] for i in keep], np.array([held[i].gold_index for i in keep])
     model, tok = harness.load_model(task["model"], args.dtype, "cpu")
     factors_file = os.path.join(ROOT, "results", task["factors"])
     selected = lr.load_factors(factors_file, with_metadata=True)[1]["selected"]["run"]
@@ -140,11 +143,13 @@ def main():
         row_file = os.path.join(rows_dir, "none.json" if name == "no scaling" else f"{selected}.json")
         with open(row_file) as f:
             row = json.load(f)
-        if row["gold_index"] != gold.tolist():
+        row["correct"] = [row["correct"][i] for i in keep]
+        if [row["gold_index"][i] for i in keep] != gold.tolist():
             raise ValueError(f"{row_file} was not scored on these held-out prompts")
-        path = os.path.join(out, f"attention-{'none' if name == 'no scaling' else 'lpes'}-{args.dtype}.npz")
+        part = "" if args.per_position is None else f"-first{args.per_position}"
+        path = os.path.join(out, f"attention-{'none' if name == 'no scaling' else 'lpes'}-{args.dtype}{part}.npz")
         reuse = sorted(glob.glob(os.path.join(rows_dir, "attention_sort_*.attention.npz")))  # float32, as rows are
-        if name == "no scaling" and args.dtype == "float32" and not os.path.exists(path) and reuse and \
+        if name == "no scaling" and args.dtype == "float32" and not part and not os.path.exists(path) and reuse and \
                 len(np.load(reuse[0])["attention"]) == len(held):
             np.savez_compressed(path, attention=np.load(reuse[0])["attention"])
         factors = None if name == "no scaling" else lr.load_factors(factors_file, model=model)
@@ -163,7 +168,8 @@ def main():
                                               f"{d['best_layer_top1']:.2f} (layer {d['best_layer']})",
                                               f"{np.mean(d['top1_by_layer']):.2f}"]))
     model_name = task["model"] or "SmolLM2-135M"
-    text = (f"{model_name}, {args.task} task: {len(held)} held-out prompts ({task['heldout']} per gold position, "
+    per = task["heldout"] if args.per_position is None else f"the first {args.per_position} of {task['heldout']}"
+    text = (f"{model_name}, {args.task} task: {len(held)} held-out prompts ({per} per gold position, "
             f"seed 2, {records} records); attention of the last prompt position, measured in {args.dtype} (answers: "
             "the float32 rows). 'most attended': the "
             "gold record gets more attention than each other record (summed over its tokens; layers and heads "

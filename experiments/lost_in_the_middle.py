@@ -44,8 +44,9 @@ import layer_rope as lr  # noqa: E402
 # attention intervention. They reorder or re-weight the prompts themselves, so they are scored `ATTENTION_CHUNK`
 # prompts at a time with a checkpoint. The calibration's bias comes from CALIBRATION prompts per gold position
 # (a task's `calibration`) of CALIBRATION_SEED, a seed no search (1), held-out (2) or validation (5) set uses,
-# measured once per task into OUT/position-bias.json. SORT_ROUNDS: the rounds the rows use (baselines'
-# default is 5: 6 passes per prompt, more than the shared 2-core CPU allowed; 1 round is 2 passes).
+# measured once per task into OUT/position-bias.json (calibrated attention's temperature: calibration_temperature).
+# SORT_ROUNDS: the rounds the rows use (baselines' default is 5: 6 passes per prompt, more than the shared 2-core
+# CPU allowed; 1 round is 2 passes).
 ATTENTION_ROWS = ("attention sort", "calibrated rerank", "calibrated attention")
 CALIBRATION, CALIBRATION_SEED, ATTENTION_CHUNK, SORT_ROUNDS = 20, 3, 50, 1
 
@@ -201,7 +202,7 @@ def _answer(model, tok, part, how, batch_size):
         done = baselines.calibrated_rerank(model, tok, part, how["bias"], batch_size)
     elif how.get("calibrate") == "attention":
         rel = baselines.calibrated_relevance(baselines.record_attention(model, tok, part, batch_size), how["bias"])
-        with baselines.calibrated_attention(model, tok, part, rel):
+        with baselines.calibrated_attention(model, tok, part, rel, how["temperature"]):
             return kv.score_kv(model, tok, part, batch_size=batch_size), [ex.gold_index for ex in part], None
     else:
         return kv.score_kv(model, tok, part, batch_size=batch_size), [ex.gold_index for ex in part], None
@@ -241,7 +242,7 @@ def score(path, model, tok, held, how, baseline=None, batch_size=8, chunk=None):
     if how.get("sort") or how.get("calibrate"):  # the passes per prompt: measuring, then the answer's
         row.update(answered_gold_index=done["answered_gold_index"],
                    forwards_per_prompt=1 + (how.get("sort") or 1), settings={
-                       k: how[k] for k in ("sort", "calibrate", "calibration") if k in how})
+                       k: how[k] for k in ("sort", "calibrate", "calibration", "temperature") if k in how})
     if baseline is not None:
         row["vs_baseline"] = kv.paired_comparison(fit, kv.KVFitness.from_json(baseline))
     lr.write_json(path, row)
@@ -382,6 +383,8 @@ def main():
         fresh = not os.path.exists(file)
         if how.get("calibrate") and fresh:
             how["bias"] = calibration_bias(args, task, model, tok, search_set, held)
+            if how["calibrate"] == "attention":
+                how["temperature"] = calibration_temperature(args, task, model, tok, how["bias"])
         rows[name] = score(file, model, tok, held, how, rows["no scaling"], args.batch_size,
                            chunk or (ATTENTION_CHUNK if how.get("sort") or how.get("calibrate") else None))
         print(f"{name}: {rows[name]['mean_accuracy']:.3f}", flush=True)
@@ -408,6 +411,38 @@ def calibration_bias(args, task, model, tok, search_set, held):
                              "bias": bias.tolist()})
     with open(path) as f:
         return np.array(json.load(f)["bias"])
+
+
+TEMPERATURES = (0.002, 0.005, 0.01, 0.02, 0.05)  # calibrated attention's candidates (attention shares)
+
+
+def calibration_temperature(args, task, model, tok, bias) -> float:
+    """The calibrated-attention row's temperature: of TEMPERATURES, the most accurate (then the highest mean gold
+    log-prob; then the smaller) on the first 5 calibration prompts per gold position -- prompts no search or
+    held-out set holds; the paper tunes its temperature on validation data too. Once per task, into
+    OUT/temperature.json."""
+    path = os.path.join(args.out, "temperature.json")
+    if not os.path.exists(path):
+        n = task.get("calibration", CALIBRATION)
+        calib = kv.kv_sets(task.get("pairs", 20), 5, n, CALIBRATION_SEED, filler=task["filler"])
+        part = [ex for i, ex in enumerate(calib) if i % n < 5]
+        started = time.time()
+        rel = baselines.calibrated_relevance(baselines.record_attention(model, tok, part, args.batch_size), bias)
+        fits = {}
+        for t in TEMPERATURES:
+            with baselines.calibrated_attention(model, tok, part, rel, t):
+                scores = kv.score_kv(model, tok, part, batch_size=args.batch_size)
+            fits[str(t)] = {"accuracy": float(np.mean([s.correct for s in scores])),
+                            "logprob": float(np.mean([s.logprob for s in scores]))}
+        plain = kv.score_kv(model, tok, part, batch_size=args.batch_size)
+        best = max(TEMPERATURES, key=lambda t: (fits[str(t)]["accuracy"], fits[str(t)]["logprob"], -t))
+        lr.write_json(path, {"temperature": best, "prompts": len(part), "seed": CALIBRATION_SEED,
+                             "by_temperature": fits,
+                             "no_calibration": {"accuracy": float(np.mean([s.correct for s in plain])),
+                                                "logprob": float(np.mean([s.logprob for s in plain]))},
+                             "seconds": round(time.time() - started, 1)})
+    with open(path) as f:
+        return json.load(f)["temperature"]
 
 
 def prompt_lengths(tok, model, held) -> dict:

@@ -229,6 +229,10 @@ def test_driver_rows(tok, tmp_path):
     bias[..., 1] = -10.0  # a bias this negative makes the record at position 1 the most relevant: last, gold next
     row = lim.score(str(tmp_path / "rr.json"), model, tok, exs, dict(calibrate="rerank", bias=bias), base)
     assert row["answered_gold_index"] == [4, 4, 4] and row["forwards_per_prompt"] == 2
+    how = dict(calibrate="attention", bias=bias, temperature=0.05)
+    row = lim.score(str(tmp_path / "ca.json"), model, tok, exs, how, base)
+    assert row["answered_gold_index"] == [0, 2, 4] and row["settings"]["temperature"] == 0.05
+    assert row["logprobs"] != base["logprobs"]  # the intervention changed the answer's pass
     lengths = lim.prompt_lengths(tok, model, exs)
     assert lengths["plain"]["min"] <= lengths["plain"]["max"] < lengths["query_aware"]["max"]
     assert lengths["plain"]["min"] == min(len(kv.prompt_ids(tok, ex)) + len(kv.encode(tok, " " + ex.value))
