@@ -673,9 +673,13 @@ def replay_table(results: dict) -> str:
             v = r["verdict"]
             shown = v["chosen"] if v["scaled"] else r["ga_pick_by_validation"]
             c = r["candidates"][shown]
-            val = f"{shown}: {c['difference']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}], Holm p = {c['p_holm']:.2g}"
+            unit = " nats (gold log-prob)" if r["objective"] == "logprob" else ""
+            val = (f"{shown}: {c['difference']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]{unit}, "
+                   f"Holm p = {c['p_holm']:.2g}")
             said = f"**{v['chosen']}** ({val})" if v["scaled"] else f"no scaling (its best finalist, {val})"
-            detect = "-" if v["detectable"] is None else f"{v['detectable']:.3f}"
+            noise = v.get("noise") or {}
+            detect = f"{v['detectable']:.3f}" if v["detectable"] is not None else (
+                f"none: {noise['discordant']:.0%} of prompts differ" if "discordant" in noise else "none")
             held, after = r["heldout"]["recorded factors"], r["heldout_of_verdict"]
             rows.append([f"{task_name}: {run}" + (" (query-aware)" if r["prompt"] == "query-aware" else ""),
                          f"{doc['validation']['n']}", said, detect, _diff(held["vs_baseline"]),
