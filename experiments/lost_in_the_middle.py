@@ -621,18 +621,23 @@ def replay_task(task_name: str, model, tok, batch_size: int, dtype: str) -> dict
                                       0.05, f"uniform x{best_u:g}")
         recorded = doc["factors"]
         held_rows = {"recorded factors": _held_row(task_name, run)}
-        held_rows[f"uniform x{best_u:g}"] = _held_row(task_name, f"uniform x{best_u:g}")
+        if qa:  # the verdict's baseline is the query-aware prompt unscaled: so is the held-out comparison
+            base = kv.KVFitness.from_json(_held_row(task_name, "query-aware prompt"))
+            held_rows["recorded factors"] = dict(held_rows["recorded factors"], vs_baseline=kv.paired_comparison(
+                kv.KVFitness.from_json(held_rows["recorded factors"]), base))
+        else:
+            held_rows[f"uniform x{best_u:g}"] = _held_row(task_name, f"uniform x{best_u:g}")
         chosen_held = None
         if verdict.scaled:
             if verdict.factors == recorded:
                 chosen_held = held_rows["recorded factors"]
-            elif verdict.chosen.startswith("uniform"):
+            elif verdict.chosen.startswith("uniform") and not qa:
                 chosen_held = held_rows[verdict.chosen]
             else:  # a finalist the recorded run did not pick: score it held out, paired against no scaling
                 key = f"heldout/{dtype}/{variant}/{json.dumps([round(x, 6) for x in verdict.factors])}"
                 ex = [dataclasses.replace(e, query_aware=True) for e in held] if qa else held
                 fit = kv.fitness_of(ex, cache.scores(key, model, tok, ex, verdict.factors, batch_size))
-                base = kv.KVFitness.from_json(_held_row(task_name, "no scaling"))
+                base = kv.KVFitness.from_json(_held_row(task_name, "query-aware prompt" if qa else "no scaling"))
                 chosen_held = dict(fit.to_json(), vs_baseline=kv.paired_comparison(fit, base))
         pick = max((n for n, _, _ in fin), key=lambda n: verdict.candidates[n]["fitness"])
         out["runs"][run] = {
@@ -681,7 +686,8 @@ def replay_table(results: dict) -> str:
             detect = f"{v['detectable']:.3f}" if v["detectable"] is not None else (
                 f"none: {noise['discordant']:.0%} of prompts differ" if "discordant" in noise else "none")
             held, after = r["heldout"]["recorded factors"], r["heldout_of_verdict"]
-            rows.append([f"{task_name}: {run}" + (" (query-aware)" if r["prompt"] == "query-aware" else ""),
+            rows.append([f"{task_name}: {run}" + (" (query-aware prompt: every comparison is with that prompt "
+                                                  "unscaled)" if r["prompt"] == "query-aware" else ""),
                          f"{doc['validation']['n']}", said, detect, _diff(held["vs_baseline"]),
                          "0 (no scaling)" if not v["scaled"] else _diff(after["vs_baseline"]),
                          _agreement(v, held, after)])
