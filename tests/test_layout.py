@@ -1,5 +1,5 @@
 """The house: layer_rope.py is the method a user copies (stdlib, numpy and torch at module level; works
-copied alone), harness.py above it, the experiments and baselines on top, and no import arrow back."""
+copied alone), harness.py above it, the experiments, then baselines on top, and no import arrow back."""
 
 import ast
 import glob
@@ -10,7 +10,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOCAL = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "*.py"))}
-LEVEL = {"layer_rope": 0, "reference_numpy": 0, "harness": 1, "kv_retrieval": 2, "extrapolation": 2, "baselines": 2}
+# baselines.py sits on the KV experiment: attention sorting and calibration reorder and read its records
+LEVEL = {"layer_rope": 0, "reference_numpy": 0, "harness": 1, "kv_retrieval": 2, "extrapolation": 2, "baselines": 3}
 
 
 def imports(module: str, top_level_only: bool = False) -> set:
