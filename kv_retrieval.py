@@ -861,7 +861,7 @@ def _verdict_step(args, model, tok, search, validation, res: GAResult, cfg: GACo
     pick = max(names, key=lambda n: verdict.candidates[n]["fitness"])
     if verdict.chosen in names:  # the chosen GA curve is the GA's row even when a rejected one scored higher
         pick = verdict.chosen
-    ind = finalists[names.index(pick)][0]
+    ind, pick_search_fitness = finalists[names.index(pick)][:2]
     record["finalists"] = {"individuals": [list(e[0]) for e in finalists], "names": names,
                            "search_dtype": [e[1] for e in finalists],
                            "validation": [verdict.candidates[n]["fitness"] for n in names], "chosen": list(ind)}
@@ -873,8 +873,8 @@ def _verdict_step(args, model, tok, search, validation, res: GAResult, cfg: GACo
                          "detectable_difference": verdict.to_json()["detectable"],
                          "shape_vs_uniform": verdict.shape_vs_uniform}
     record["ga_best"] = {"name": pick, "individual": list(ind), "factors": individual_factors(ind, cfg),
-                         "control_points": control_points(ind, cfg), "search_fitness": dict(zip(names, record[
-                             "finalists"]["search_dtype"]))[pick], "validation": verdict.candidates[pick]}
+                         "control_points": control_points(ind, cfg), "search_fitness": pick_search_fitness,
+                         "validation": verdict.candidates[pick]}
     step("validation (verdict)")
     print(f"[search] {verdict.line()}", flush=True)
     return verdict.factors, ind
