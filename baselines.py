@@ -653,9 +653,17 @@ def find_position_channel(model, tok, validation_loss, layers, scales=SCALES, sa
 #     on all records, as C * softmax(relevance / temperature) over the records (relevance from the prompt's
 #     last position, this layer and head); within a record its tokens keep their proportions, attention
 #     outside the records is unchanged, so each row still sums to 1. Temperature 0.05 by default (an
-#     attention share, not tuned on held-out prompts), all layers and heads: our choices, the paper tunes its
-#     temperature on validation data. Implemented exactly as an additive term log(new mass / old mass) on the
+#     attention share, not tuned on held-out prompts), all layers and heads by default (`layers` picks some):
+#     our choices; the paper tunes its temperature on validation data, and the driver tunes both on calibration
+#     prompts. Implemented exactly as an additive term log(new mass / old mass) on the
 #     record tokens' logits, given to the layer through its attention mask (so eager and SDPA alike).
+#
+# Retrieval-layer rerank (ours, from the diagnosis, experiments/attention_diagnosis.py): summed over layers the
+# attention follows position, but single layers can find the record asked for where the sum does not. On
+# calibration prompts, choose the layer whose attention (heads summed) most often peaks on the gold record
+# (retrieval_layer); order each prompt's records by that layer's attention and put the most attended where the
+# model answers best -- first or last, measured on the same calibration prompts (the placement rule of AttnRank,
+# arXiv 2508.05128; attention sorting always puts it last). One measuring pass per prompt.
 
 SORT_ITERATIONS = 5
 
@@ -887,6 +895,41 @@ def calibrated_rerank(model, tok, examples, bias: np.ndarray, batch_size: int = 
     return Sorted(current, [[a.gold_index, b.gold_index] for a, b in zip(examples, current)], 1, att)
 
 
+def retrieval_layer(attention: np.ndarray, gold_index) -> tuple:
+    """(layer, hits): hits[l] = the share of prompts on which layer l's attention (summed over heads) is highest on
+    the gold record, from record_attention's (prompts, layers, heads, records) -- or head-averaged (prompts, layers,
+    records) -- measured on calibration prompts with gold indices `gold_index`. The layer with most hits; ties go
+    to the higher mean attention share on the gold record, then to the earlier layer."""
+    att = np.asarray(attention, dtype=float)
+    att = att.sum(axis=2) if att.ndim == 4 else att
+    gold = np.asarray(gold_index)
+    if att.ndim != 3 or gold.shape != (att.shape[0],) or not len(gold):
+        raise ValueError(f"attention {np.shape(attention)} and gold indices {gold.shape} do not match "
+                         "(prompts, layers, [heads,] records) and (prompts,)")
+    if gold.min() < 0 or gold.max() >= att.shape[-1]:
+        raise ValueError(f"gold indices must lie in [0, {att.shape[-1]}), got {gold.min()}..{gold.max()}")
+    on_gold = att[np.arange(len(gold)), :, gold]  # (prompts, layers)
+    hits = (att.argmax(-1) == gold[:, None]).mean(0)
+    share = (on_gold / att.sum(-1).clip(1e-30)).mean(0)
+    layer = max(range(len(hits)), key=lambda i: (hits[i], share[i], -i))
+    return layer, hits
+
+
+def layer_rerank(model, tok, examples, layer: int, place: str = "last", batch_size: int = 8) -> Sorted:
+    """The records ordered by the attention layer `layer` pays them (record_attention, heads summed), its most
+    attended record at `place`: "last" (nearest the question, descending towards it) or "first" (the order
+    reversed). One measuring pass per prompt; score the returned examples to answer."""
+    if place not in ("first", "last"):
+        raise ValueError(f"place must be 'first' or 'last', got {place!r}")
+    n = len(_decoder_layers(model)[1])
+    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer < n:
+        raise ValueError(f"layer must be an int in [0, {n}), got {layer!r}")
+    att = record_attention(model, tok, examples, batch_size)
+    score = att[:, layer].sum(axis=1) * (1 if place == "last" else -1)
+    current = [reorder(ex, s) for ex, s in zip(examples, score)]
+    return Sorted(current, [[a.gold_index, b.gold_index] for a, b in zip(examples, current)], 1, att)
+
+
 @dataclasses.dataclass
 class CalibratedAttention:
     """What calibrated_attention returns; remove() (or leaving its with block) restores the model bit for bit."""
@@ -967,22 +1010,27 @@ class CalibratedAttention:
         return args, dict(kwargs, attention_mask=full)
 
 
-def calibrated_attention(model, tok, examples, relevance: np.ndarray, temperature: float = 0.05) -> CalibratedAttention:
+def calibrated_attention(model, tok, examples, relevance: np.ndarray, temperature: float = 0.05,
+                         layers=None) -> CalibratedAttention:
     """Found-in-the-middle attention calibration while `examples` are answered (see the section comment): any
-    pass of the model whose row starts with one of their prompts (kv_retrieval.prompt_ids) gets, in every layer
-    and head, the attention of its rows from the prompt's last position on redistributed over the records as
-    C * softmax(relevance / temperature). relevance: (len(examples), layers, heads, records), e.g.
-    calibrated_relevance(record_attention(...), bias). Use as a with block or call .remove()."""
+    pass of the model whose row starts with one of their prompts (kv_retrieval.prompt_ids) gets, in every head of
+    each of `layers` (default: all), the attention of its rows from the prompt's last position on redistributed
+    over the records as C * softmax(relevance / temperature). relevance: (len(examples), layers, heads, records),
+    e.g. calibrated_relevance(record_attention(...), bias). Use as a with block or call .remove()."""
     import kv_retrieval as kv
 
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0 or \
             not math.isfinite(temperature):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    decoder, layers = _decoder_layers(model)
-    parts = [_attention_parts(i, layer) for i, layer in enumerate(layers)]
-    if relevance.shape[:3] != (len(examples), len(layers), parts[0][1]):
+    decoder, stack = _decoder_layers(model)
+    parts = [_attention_parts(i, layer) for i, layer in enumerate(stack)]
+    chosen = range(len(stack)) if layers is None else list(layers)
+    if not chosen or any(isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < len(stack)
+                         for i in chosen) or len(set(chosen)) != len(chosen):
+        raise ValueError(f"layers must be distinct ints in [0, {len(stack)}), at least one; got {layers!r}")
+    if relevance.shape[:3] != (len(examples), len(stack), parts[0][1]):
         raise ValueError(f"relevance {relevance.shape} is not (examples, layers, heads, records) = "
-                         f"({len(examples)}, {len(layers)}, {parts[0][1]}, ...)")
+                         f"({len(examples)}, {len(stack)}, {parts[0][1]}, ...)")
     if any(getattr(model, a, None) is not None for a in ("_mspoe_handle", "_hidden_scaling_handle",
                                                           "_calibrated_attention_handle")):
         raise RuntimeError("model is already patched (Ms-PoE, hidden scaling or calibrated attention)")
@@ -994,7 +1042,8 @@ def calibrated_attention(model, tok, examples, relevance: np.ndarray, temperatur
         prompts[tuple(kv.prompt_ids(tok, ex))] = (torch.tensor(spans), torch.as_tensor(rel))
     handle = CalibratedAttention(model, float(temperature), prompts)
     handle._hooks.append(model.register_forward_pre_hook(handle._on_model, with_kwargs=True))
-    for i, p in enumerate(parts):
-        handle._hooks.append(p[0].register_forward_pre_hook(functools.partial(handle._on_attn, i, p), with_kwargs=True))
+    for i in chosen:
+        handle._hooks.append(parts[i][0].register_forward_pre_hook(functools.partial(handle._on_attn, i, parts[i]),
+                                                                   with_kwargs=True))
     model._calibrated_attention_handle = handle
     return handle

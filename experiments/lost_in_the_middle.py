@@ -44,10 +44,11 @@ import layer_rope as lr  # noqa: E402
 # attention intervention. They reorder or re-weight the prompts themselves, so they are scored `ATTENTION_CHUNK`
 # prompts at a time with a checkpoint. The calibration's bias comes from CALIBRATION prompts per gold position
 # (a task's `calibration`) of CALIBRATION_SEED, a seed no search (1), held-out (2) or validation (5) set uses,
-# measured once per task into OUT/position-bias.json (calibrated attention's temperature: calibration_temperature).
+# measured once per task into OUT/position-bias.json (calibrated attention's temperature and layers: calibration_setting).
 # SORT_ROUNDS: the rounds the rows use (baselines' default is 5: 6 passes per prompt, more than the shared 2-core
-# CPU allowed; 1 round is 2 passes).
-ATTENTION_ROWS = ("attention sort", "calibrated rerank", "calibrated attention")
+# CPU allowed; 1 round is 2 passes). The retrieval-layer rerank takes its layer and placement from the same
+# calibration prompts (retrieval_choice, OUT/retrieval-layer.json).
+ATTENTION_ROWS = ("attention sort", "calibrated rerank", "calibrated attention", "retrieval-layer rerank")
 CALIBRATION, CALIBRATION_SEED, ATTENTION_CHUNK, SORT_ROUNDS = 20, 3, 50, 1
 
 TASKS = {  # search/held-out prompts per gold position, GA population x generations, GA runs
@@ -195,14 +196,16 @@ def _answer(model, tok, part, how, batch_size):
     """(scores of the prompts `part`, where each gold was answered, the attention the prompts as given received
     (baselines.record_attention, averaged over heads: (prompts, layers, records) float32) or None): scored as
     they are, or attention-sorted (how["sort"] rounds), reranked or answered with calibrated attention
-    (how["calibrate"], with how["bias"])."""
+    (how["calibrate"], with how["bias"]), or reranked by one layer's attention (how["layer"], how["place"])."""
     if how.get("sort"):
         done = baselines.attention_sort(model, tok, part, how["sort"], batch_size)
     elif how.get("calibrate") == "rerank":
         done = baselines.calibrated_rerank(model, tok, part, how["bias"], batch_size)
+    elif how.get("calibrate") == "layer":
+        done = baselines.layer_rerank(model, tok, part, how["layer"], how["place"], batch_size)
     elif how.get("calibrate") == "attention":
         rel = baselines.calibrated_relevance(baselines.record_attention(model, tok, part, batch_size), how["bias"])
-        with baselines.calibrated_attention(model, tok, part, rel, how["temperature"]):
+        with baselines.calibrated_attention(model, tok, part, rel, how["temperature"], how.get("layers")):
             return kv.score_kv(model, tok, part, batch_size=batch_size), [ex.gold_index for ex in part], None
     else:
         return kv.score_kv(model, tok, part, batch_size=batch_size), [ex.gold_index for ex in part], None
@@ -242,7 +245,8 @@ def score(path, model, tok, held, how, baseline=None, batch_size=8, chunk=None):
     if how.get("sort") or how.get("calibrate"):  # the passes per prompt: measuring, then the answer's
         row.update(answered_gold_index=done["answered_gold_index"],
                    forwards_per_prompt=1 + (how.get("sort") or 1), settings={
-                       k: how[k] for k in ("sort", "calibrate", "calibration", "temperature") if k in how})
+                       k: how[k] for k in ("sort", "calibrate", "calibration", "temperature", "scope", "layers", "layer", "place")
+                       if k in how})
     if baseline is not None:
         row["vs_baseline"] = kv.paired_comparison(fit, kv.KVFitness.from_json(baseline))
     lr.write_json(path, row)
@@ -291,6 +295,8 @@ def baseline_rows(args, task, best_u, layers) -> dict:
             plan[f"attention sort ({SORT_ROUNDS} rounds)"] = dict(sort=SORT_ROUNDS)
         elif name in ("calibrated rerank", "calibrated attention"):  # how["bias"]: main() measures it when needed
             plan[name] = dict(calibrate=name.split()[1], calibration=task.get("calibration", CALIBRATION))
+        elif name == "retrieval-layer rerank":  # how["layer"], how["place"]: main() chooses them when needed
+            plan[name] = dict(calibrate="layer", calibration=task.get("calibration", CALIBRATION))
         elif name == "hidden-state scaling":  # the channel and scale found for this model, if recorded
             hidden = position_channel(args)
             if hidden is not None:
@@ -381,10 +387,12 @@ def main():
         if skip and not os.path.exists(file):
             continue
         fresh = not os.path.exists(file)
-        if how.get("calibrate") and fresh:
+        if how.get("calibrate") == "layer" and fresh:
+            how.update(retrieval_choice(args, task, model, tok, search_set, held))
+        elif how.get("calibrate") and fresh:
             how["bias"] = calibration_bias(args, task, model, tok, search_set, held)
             if how["calibrate"] == "attention":
-                how["temperature"] = calibration_temperature(args, task, model, tok, how["bias"])
+                how.update(calibration_setting(args, task, model, tok, how["bias"], search_set, held))
         rows[name] = score(file, model, tok, held, how, rows["no scaling"], args.batch_size,
                            chunk or (ATTENTION_CHUNK if how.get("sort") or how.get("calibrate") else None))
         print(f"{name}: {rows[name]['mean_accuracy']:.3f}", flush=True)
@@ -394,16 +402,45 @@ def main():
     save_best(args, searched, rows)  # once every run is in: a partial table must not choose the task's factors
 
 
+def calibration_set(task, *others) -> tuple:
+    """(prompts per gold position, the task's calibration prompts): seed CALIBRATION_SEED, checked disjoint from
+    each set in `others` (search, held-out)."""
+    n = task.get("calibration", CALIBRATION)
+    calib = kv.kv_sets(task.get("pairs", 20), 5, n, CALIBRATION_SEED, filler=task["filler"])
+    kv.check_disjoint(*others, calib, names=(*("search", "held-out")[:len(others)], "calibration"))
+    return n, calib
+
+
+def retrieval_choice(args, task, model, tok, search_set, held) -> dict:
+    """{layer, place} of the retrieval-layer rerank, from the task's calibration prompts: the layer of
+    baselines.retrieval_layer on their record attention, and place = "first" where the unscaled model answers
+    more of them right with the gold first than with it last, else "last" (attention sorting's). Once per task,
+    into OUT/retrieval-layer.json with every layer's hit rate."""
+    path = os.path.join(args.out, "retrieval-layer.json")
+    if not os.path.exists(path):
+        n, calib = calibration_set(task, search_set, held)
+        started = time.time()
+        gold = [ex.gold_index for ex in calib]
+        layer, hits = baselines.retrieval_layer(baselines.record_attention(model, tok, calib, args.batch_size), gold)
+        right = np.array([s.correct for s in kv.score_kv(model, tok, calib, batch_size=args.batch_size)])
+        first, last = (float(right[np.array(gold) == g].mean()) for g in (0, len(calib[0].records) - 1))
+        lr.write_json(path, {"layer": int(layer), "place": "first" if first > last else "last",
+                             "hits_by_layer": [round(float(h), 4) for h in hits],
+                             "accuracy_gold_first": first, "accuracy_gold_last": last,
+                             "prompts_per_position": n, "seed": CALIBRATION_SEED, "prompts": len(calib),
+                             "seconds": round(time.time() - started, 1)})
+    with open(path) as f:
+        doc = json.load(f)
+    return {"layer": doc["layer"], "place": doc["place"]}
+
+
 def calibration_bias(args, task, model, tok, search_set, held):
     """(layers, heads, records) the positional attention bias of the calibrated rows (baselines.position_bias) on
     the task's calibration prompts (seed CALIBRATION_SEED, checked disjoint from the search and held-out sets),
     measured once into OUT/position-bias.json."""
     path = os.path.join(args.out, "position-bias.json")
     if not os.path.exists(path):
-        n = task.get("calibration", CALIBRATION)
-        calib = kv.kv_sets(task.get("pairs", 20), 5, n, CALIBRATION_SEED, filler=task["filler"])
-        kv.check_disjoint(search_set, calib)
-        kv.check_disjoint(held, calib)
+        n, calib = calibration_set(task, search_set, held)
         started = time.time()
         bias = baselines.position_bias(model, tok, calib, args.batch_size)
         lr.write_json(path, {"prompts_per_position": n, "seed": CALIBRATION_SEED, "prompts": len(calib),
@@ -416,33 +453,41 @@ def calibration_bias(args, task, model, tok, search_set, held):
 TEMPERATURES = (0.002, 0.005, 0.01, 0.02, 0.05)  # calibrated attention's candidates (attention shares)
 
 
-def calibration_temperature(args, task, model, tok, bias) -> float:
-    """The calibrated-attention row's temperature: of TEMPERATURES, the most accurate (then the highest mean gold
-    log-prob; then the smaller) on the first 5 calibration prompts per gold position -- prompts no search or
-    held-out set holds; the paper tunes its temperature on validation data too. Once per task, into
-    OUT/temperature.json."""
-    path = os.path.join(args.out, "temperature.json")
+def calibration_setting(args, task, model, tok, bias, search_set, held) -> dict:
+    """{temperature, layers, scope} of the calibrated-attention row: of TEMPERATURES x three scopes -- every layer,
+    the second half of the layers, the retrieval-layer rerank's layer alone (retrieval_choice) -- the most
+    accurate (then the highest mean gold log-prob; then the earlier scope and the smaller temperature) on the first
+    5 calibration prompts per gold position: prompts no search or held-out set holds (the paper tunes its
+    temperature on validation data too). Once per task, into OUT/calibrated-attention.json."""
+    path = os.path.join(args.out, "calibrated-attention.json")
     if not os.path.exists(path):
-        n = task.get("calibration", CALIBRATION)
-        calib = kv.kv_sets(task.get("pairs", 20), 5, n, CALIBRATION_SEED, filler=task["filler"])
+        n, calib = calibration_set(task)
         part = [ex for i, ex in enumerate(calib) if i % n < 5]
+        L = lr.num_layers(model)
+        scopes = {"all layers": list(range(L)), "second half": list(range(L // 2, L)),
+                  "retrieval layer": [retrieval_choice(args, task, model, tok, search_set, held)["layer"]]}
         started = time.time()
         rel = baselines.calibrated_relevance(baselines.record_attention(model, tok, part, args.batch_size), bias)
-        fits = {}
-        for t in TEMPERATURES:
-            with baselines.calibrated_attention(model, tok, part, rel, t):
-                scores = kv.score_kv(model, tok, part, batch_size=args.batch_size)
-            fits[str(t)] = {"accuracy": float(np.mean([s.correct for s in scores])),
-                            "logprob": float(np.mean([s.logprob for s in scores]))}
-        plain = kv.score_kv(model, tok, part, batch_size=args.batch_size)
-        best = max(TEMPERATURES, key=lambda t: (fits[str(t)]["accuracy"], fits[str(t)]["logprob"], -t))
-        lr.write_json(path, {"temperature": best, "prompts": len(part), "seed": CALIBRATION_SEED,
-                             "by_temperature": fits,
-                             "no_calibration": {"accuracy": float(np.mean([s.correct for s in plain])),
-                                                "logprob": float(np.mean([s.logprob for s in plain]))},
+
+        def fit(scores):
+            return {"accuracy": float(np.mean([s.correct for s in scores])),
+                    "logprob": float(np.mean([s.logprob for s in scores]))}
+
+        fits = []
+        for rank, (scope, layers) in enumerate(scopes.items()):
+            for t in TEMPERATURES:
+                with baselines.calibrated_attention(model, tok, part, rel, t, layers):
+                    got = fit(kv.score_kv(model, tok, part, batch_size=args.batch_size))
+                fits.append(dict(scope=scope, layers=layers, temperature=t, **got, key=(rank, t)))
+        best = max(fits, key=lambda f: (f["accuracy"], f["logprob"], -f["key"][0], -f["key"][1]))
+        lr.write_json(path, {"scope": best["scope"], "layers": best["layers"], "temperature": best["temperature"],
+                             "prompts": len(part), "seed": CALIBRATION_SEED,
+                             "settings": [{k: v for k, v in f.items() if k != "key"} for f in fits],
+                             "no_calibration": fit(kv.score_kv(model, tok, part, batch_size=args.batch_size)),
                              "seconds": round(time.time() - started, 1)})
     with open(path) as f:
-        return json.load(f)["temperature"]
+        doc = json.load(f)
+    return {k: doc[k] for k in ("temperature", "layers", "scope")}
 
 
 def prompt_lengths(tok, model, held) -> dict:

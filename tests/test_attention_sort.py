@@ -146,6 +146,41 @@ def test_position_bias_from_dummies_and_calibrated_rerank(tok):
 
 
 
+def test_retrieval_layer_picks_the_layer_that_finds_the_gold():
+    rng = np.random.default_rng(0)
+    att = rng.uniform(0.0, 1.0, size=(40, 4, 3, 6))  # (prompts, layers, heads, records)
+    gold = rng.integers(0, 6, size=40)
+    att[np.arange(40), 2, :, gold] += 1.0  # layer 2 peaks on the gold in every prompt
+    layer, hits = bl.retrieval_layer(att, gold)
+    assert layer == 2 and hits[2] == 1.0 and hits.shape == (4,) and (hits[[0, 1, 3]] < 0.6).all()
+    assert bl.retrieval_layer(att.mean(axis=2), gold)[0] == 2  # head-averaged input alike
+    tie = np.full((2, 3, 4), 0.1)
+    tie[:, :, 1] = 1.0  # every layer peaks on record 1 alike, with the same share: the earliest wins
+    layer, hits = bl.retrieval_layer(tie, [1, 1])
+    assert layer == 0 and (hits == 1.0).all()
+    tie[:, 2, 1] = 2.0  # same hits, a larger share of layer 2's attention on the gold: layer 2
+    assert bl.retrieval_layer(tie, [1, 1])[0] == 2
+    with pytest.raises(ValueError, match="gold indices must lie"):
+        bl.retrieval_layer(tie, [1, 4])
+    with pytest.raises(ValueError, match="do not match"):
+        bl.retrieval_layer(tie, [1])
+
+
+def test_layer_rerank_puts_the_layers_pick_first_or_last(tok):
+    model, exs = planted_model(tok), planted_examples(range(6))
+    last = bl.layer_rerank(model, tok, exs, 0, "last")
+    first = bl.layer_rerank(model, tok, exs, 0, "first")
+    assert last.gold_path == [[g, 5] for g in range(6)] and first.gold_path == [[g, 0] for g in range(6)]
+    assert last.forwards == 1 and last.attention.shape == (6, 1, 4, 6)
+    for a, b, c in zip(exs, last.examples, first.examples):  # the same records, the gold moved along
+        assert sorted(a.records) == sorted(b.records) == sorted(c.records)
+        assert b.records[b.gold_index] == c.records[c.gold_index] == (PLANT, a.value)
+    with pytest.raises(ValueError, match="layer must be"):
+        bl.layer_rerank(model, tok, exs, 1)
+    with pytest.raises(ValueError, match="place"):
+        bl.layer_rerank(model, tok, exs, 0, "middle")
+
+
 def test_calibrated_attention_redistributes_record_attention(tok):
     """The answer rows' attention over the records becomes C * softmax(relevance / t) per layer and head (C: their
     total before), the rest of each row and every prompt row before the last stay as they were; eager = SDPA."""
@@ -184,6 +219,15 @@ def test_calibrated_attention_redistributes_record_attention(tok):
             torch.testing.assert_close(w1[..., ~inside], w0[..., ~inside], rtol=0, atol=1e-6)
             torch.testing.assert_close(m1, m0.sum(-1, keepdim=True) * share, rtol=0, atol=1e-6)
             assert (m1 - m0).abs().max() > 1e-2  # and it moved
+    with torch.no_grad(), bl.calibrated_attention(eager, tok, exs, rel, temperature=t, layers=[1]):
+        only = eager(ids, output_attentions=True)  # layer 0 untouched; layer 1 re-weighted as before (same input)
+    torch.testing.assert_close(only.attentions[0], before.attentions[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(only.attentions[1][0, :, P - 1:, inside].sum(-1),
+                               before.attentions[1][0, :, P - 1:, inside].sum(-1), rtol=0, atol=1e-6)
+    w = only.attentions[1][0, :, P - 1:]
+    m = torch.stack([w[..., s:e].sum(-1) for s, e in spans], -1)
+    share = torch.softmax(torch.tensor(rel[1, 1])[:, None] / t, -1).expand_as(m)
+    torch.testing.assert_close(m / m.sum(-1, keepdim=True), share, rtol=0, atol=1e-6)
 
 
 def test_refusals(tok):
@@ -193,6 +237,9 @@ def test_refusals(tok):
         bl.calibrated_attention(model, tok, exs, rel, temperature=0)
     with pytest.raises(ValueError, match="relevance"):
         bl.calibrated_attention(model, tok, exs, rel[:, :2])
+    for bad in ([], [3], [0, 0], [True]):
+        with pytest.raises(ValueError, match="layers must be"):
+            bl.calibrated_attention(model, tok, exs, rel, layers=bad)
     with pytest.raises(ValueError, match="iterations"):
         bl.attention_sort(model, tok, exs, iterations=0)
     with pytest.raises(TypeError, match="per head"):
@@ -216,6 +263,7 @@ def test_driver_rows(tok, tmp_path):
     plan = lim.baseline_rows(argparse.Namespace(task="short", model=None), lim.TASKS["short"], None, 30)
     names = [n for n in plan if n.startswith(("attention sort", "calibrated"))]
     assert names == [f"attention sort ({lim.SORT_ROUNDS} rounds)", "calibrated rerank", "calibrated attention"]
+    assert plan["retrieval-layer rerank"] == dict(calibrate="layer", calibration=lim.CALIBRATION)
     model = planted_model(tok)
     exs = planted_examples([0, 2, 4])
     base = lim.score(str(tmp_path / "none.json"), model, tok, exs, {}, batch_size=2)
@@ -233,6 +281,10 @@ def test_driver_rows(tok, tmp_path):
     row = lim.score(str(tmp_path / "ca.json"), model, tok, exs, how, base)
     assert row["answered_gold_index"] == [0, 2, 4] and row["settings"]["temperature"] == 0.05
     assert row["logprobs"] != base["logprobs"]  # the intervention changed the answer's pass
+    how = dict(calibrate="layer", layer=0, place="first")
+    row = lim.score(str(tmp_path / "rl.json"), model, tok, exs, how, base, batch_size=2, chunk=2)
+    assert row["answered_gold_index"] == [0, 0, 0] and row["settings"] == dict(calibrate="layer", layer=0,
+                                                                               place="first")
     lengths = lim.prompt_lengths(tok, model, exs)
     assert lengths["plain"]["min"] <= lengths["plain"]["max"] < lengths["query_aware"]["max"]
     assert lengths["plain"]["min"] == min(len(kv.prompt_ids(tok, ex)) + len(kv.encode(tok, " " + ex.value))
