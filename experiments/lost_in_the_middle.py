@@ -16,7 +16,8 @@ command continues a killed run. Under OUT (results/lim-<task>/, or the task's `o
                          task's validation prompts, seed 5, in float32). Searches recorded before the
                          verdict existed have none: `--replay-verdict` says what it would have been
   2. uniform.json        the best uniform factor on the search set (of the task's `uniform` candidates)
-  3. rows/<row>.json     each row scored on the one held-out set in float32, paired against no scaling
+  3. rows/<row>.json     each row scored on the one held-out set in float32 (--rows-dtype, in its own --out),
+                         paired against no scaling
   4. table.md, summary.json, accuracy.png
 Search and held-out prompts come from different seeds (checked disjoint); every row of a task is scored
 on the same held-out prompts.
@@ -91,7 +92,8 @@ TASKS = {  # search/held-out prompts per gold position, GA population x generati
     # prompt per gold position). Sized for one short GPU call (experiments/gpu_run.sh, STEPS=edge).
     "edge": dict(filler=14, search=5, heldout=20, validation=20, population=12, generations=6, search_dtype="bfloat16",
                  batch_size=5, chunk=10, uniform=[1.02, 1.05, 1.1, 1.2],
-                 baselines=("uniform", "Ms-PoE (score order)", "query-aware prompt", "hidden-state scaling"),
+                 baselines=("uniform", "Ms-PoE (score order)", "query-aware prompt", "hidden-state scaling",
+                            *ATTENTION_ROWS), calibration=10,
                  runs={"ga-middle-seed0": ["--weights", "middle", "--seed", "0", "--race", "--freeze", "16"],
                        "ga-narrow-seed0": ["--weights", "middle", "--seed", "0", "--race", "--freeze", "16",
                                            "--factor-max", "1.2", "--factor-step", "0.01"],
@@ -255,14 +257,14 @@ def score(path, model, tok, held, how, baseline=None, batch_size=8, chunk=None):
     return row
 
 
-def best_uniform(args, task, model, tok, search_set, layers):
+def best_uniform(args, task, model, tok, search_set, layers, measure=True):
     """The best of the task's uniform factors on the search set (ties: the smaller), each factor's fitness
-    written to uniform.json as soon as it is measured."""
+    written to uniform.json as soon as it is measured (not with measure=False: None until it is recorded)."""
     path, candidates = os.path.join(args.out, "uniform.json"), task.get("uniform", UNIFORM)
     doc = json.load(open(path)) if os.path.exists(path) else {"search_set_fitness": {}}
     if "best" not in doc:
         for u in candidates:
-            if str(u) not in doc["search_set_fitness"] and not args.report_only:
+            if str(u) not in doc["search_set_fitness"] and measure and not args.report_only:
                 fit = kv.kv_fitness(model, tok, search_set, [u] * layers, batch_size=args.batch_size)
                 doc["search_set_fitness"][str(u)] = fit.fitness
                 lr.write_json(path, doc)
@@ -339,6 +341,9 @@ def main():
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--replay-verdict", action="store_true", help="what the validated verdict would have said "
                     "about the task's recorded searches (resumes), and the table of every task replayed so far")
+    ap.add_argument("--rows-dtype", default="float32", choices=sorted(harness.DTYPES),
+                    help="the held-out rows' dtype (float32: the report's). Another one needs its own --out, no scaling "
+                    "scored in it too: a table's rows are paired in one dtype")
     ap.add_argument("--replay-dtype", default="float32", choices=sorted(harness.DTYPES),
                     help="--replay-verdict's scoring dtype (float32: the report's; bfloat16 where a CPU has AMX)")
     args = ap.parse_args()
@@ -352,6 +357,9 @@ def main():
     args.batch_size = args.batch_size or task.get("batch_size", 16)
     args.search_dtype = args.search_dtype or task.get("search_dtype", "bfloat16")
     args.model = args.model or task.get("model")
+    if args.rows_dtype != "float32" and (args.out is None or
+                                         os.path.abspath(args.out) == os.path.abspath(default_out(args.task))):
+        ap.error(f"--rows-dtype {args.rows_dtype}: give an --out of its own (the task's folder holds float32 rows)")
     args.out = args.out or default_out(args.task)
     os.makedirs(os.path.join(args.out, "rows"), exist_ok=True)
     if args.replay_verdict:
@@ -363,13 +371,14 @@ def main():
         return
     search_set, held = prompt_sets(task)
 
-    model, tok = harness.load_model(args.model, "float32", args.device)
+    model, tok = harness.load_model(args.model, args.rows_dtype, args.device)
     args.model_obj = model  # report(): the scorer's answer prefixes depend on the model
     layers = lr.num_layers(model)
     chunk = task.get("chunk")
     rows = {"no scaling": score(row_path(args.out, "no scaling"), model, tok, held, {},
                                 batch_size=args.batch_size, chunk=chunk)}
-    plan = baseline_rows(args, task, best_uniform(args, task, model, tok, search_set, layers), layers)
+    uniform = args.rows is None or any(r.startswith("uni") for r in args.rows)  # else only a recorded choice
+    plan = baseline_rows(args, task, best_uniform(args, task, model, tok, search_set, layers, uniform), layers)
     plan.update({name: dict(run=flags) for name, flags in task["runs"].items()})
     searched = {}
     for name, how in plan.items():  # baselines first, then each GA run followed by its held-out row
@@ -551,7 +560,7 @@ def report(args, task, rows, searched, held, tok):
                 f"{task.get('pairs', 20)} pairs, filler {task['filler']}; accuracy [95% Wilson]\n\n"
                 + text + "\n\nThe gold value's log-probability (summed over its tokens), the same prompts:\n\n"
                 + lp_text + "\n")
-    info, path = harness.run_info(args.device, "float32 (held-out)"), os.path.join(args.out, "summary.json")
+    info, path = harness.run_info(args.device, f"{args.rows_dtype} (held-out)"), os.path.join(args.out, "summary.json")
     if args.report_only and os.path.exists(path):  # the rows' run stays on record; this command is the report's
         with open(path) as f:
             old = json.load(f)

@@ -289,3 +289,20 @@ def test_driver_rows(tok, tmp_path):
     assert lengths["plain"]["min"] <= lengths["plain"]["max"] < lengths["query_aware"]["max"]
     assert lengths["plain"]["min"] == min(len(kv.prompt_ids(tok, ex)) + len(kv.encode(tok, " " + ex.value))
                                           for ex in exs)
+
+
+def test_driver_rows_dtype_needs_its_own_out(monkeypatch, capsys):
+    """Rows in another dtype go to a folder of their own: a table pairs its rows in one dtype."""
+    import importlib.util
+    import os
+    import sys
+
+    spec = importlib.util.spec_from_file_location("lim", os.path.join(os.path.dirname(__file__), os.pardir,
+                                                                       "experiments", "lost_in_the_middle.py"))
+    lim = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lim)
+    for extra in ([], ["--out", lim.default_out("edge")]):
+        monkeypatch.setattr(sys, "argv", ["lost_in_the_middle.py", "edge", "--rows-dtype", "bfloat16", *extra])
+        with pytest.raises(SystemExit):
+            lim.main()
+        assert "--out of its own" in capsys.readouterr().err
