@@ -377,7 +377,8 @@ def main():
     chunk = task.get("chunk")
     rows = {"no scaling": score(row_path(args.out, "no scaling"), model, tok, held, {},
                                 batch_size=args.batch_size, chunk=chunk)}
-    uniform = args.rows is None or any(r.startswith("uni") for r in args.rows)  # else only a recorded choice
+    # the uniform row's name is "uniform x<best>": measure the candidates only where --rows may select it
+    uniform = args.rows is None or any("uniform x".startswith(r) or r.startswith("uniform x") for r in args.rows)
     plan = baseline_rows(args, task, best_uniform(args, task, model, tok, search_set, layers, uniform), layers)
     plan.update({name: dict(run=flags) for name, flags in task["runs"].items()})
     searched = {}
