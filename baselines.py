@@ -890,9 +890,13 @@ def calibrated_rerank(model, tok, examples, bias: np.ndarray, batch_size: int = 
     """The records ordered by calibrated relevance summed over layers and heads, most relevant last (one measuring
     pass per prompt). Score the returned examples to answer."""
     att = record_attention(model, tok, examples, batch_size)
-    rel = calibrated_relevance(att, bias).sum(axis=(1, 2))
-    current = [reorder(ex, r) for ex, r in zip(examples, rel)]
-    return Sorted(current, [[a.gold_index, b.gold_index] for a, b in zip(examples, current)], 1, att)
+    return _reranked(examples, calibrated_relevance(att, bias).sum(axis=(1, 2)), att)
+
+
+def _reranked(examples, scores, attention) -> Sorted:
+    """One measuring pass's rerank: each example's records ordered by its scores (reorder), the gold's path."""
+    current = [reorder(ex, s) for ex, s in zip(examples, scores)]
+    return Sorted(current, [[a.gold_index, b.gold_index] for a, b in zip(examples, current)], 1, attention)
 
 
 def retrieval_layer(attention: np.ndarray, gold_index) -> tuple:
@@ -925,9 +929,7 @@ def layer_rerank(model, tok, examples, layer: int, place: str = "last", batch_si
     if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer < n:
         raise ValueError(f"layer must be an int in [0, {n}), got {layer!r}")
     att = record_attention(model, tok, examples, batch_size)
-    score = att[:, layer].sum(axis=1) * (1 if place == "last" else -1)
-    current = [reorder(ex, s) for ex, s in zip(examples, score)]
-    return Sorted(current, [[a.gold_index, b.gold_index] for a, b in zip(examples, current)], 1, att)
+    return _reranked(examples, att[:, layer].sum(axis=1) * (1 if place == "last" else -1), att)
 
 
 @dataclasses.dataclass
